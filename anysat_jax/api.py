@@ -1,0 +1,110 @@
+"""Feature-extraction API, shaped like the official hub model.
+
+  model = anysat_jax.AnySat(size="base")                 # random weights
+  model = anysat_jax.AnySat.from_pretrained("AnySat.pth") # official weights (or a converted dir)
+  feats = model(batch, patch_size=20, output="tile")      # (B, E)
+
+``batch`` is a dict of numpy or jax arrays: images (B, C, H, W); time series (B, T, C, H, W)
+with ``<mod>_dates`` (B, T) day of year, optional ``<mod>_mask`` (B, T) date mask and
+``<mod>_valid`` value mask. Values must be normalised per channel beforehand.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anysat_jax import convert
+from anysat_jax import modalities as mods
+from anysat_jax.config import EncoderConfig, encoder_config, override
+from anysat_jax.encoder import AnySatEncoder, select_output
+from anysat_jax.validation import validate_inputs
+
+Params = Any
+
+
+class AnySat:
+  """An encoder with its parameters; calling it validates the batch and runs a jit-compiled
+  forward pass, compiled once per input-shape signature and patch size (``tile``, ``patch`` and
+  ``all`` share it; ``dense`` compiles once per dense modality).
+
+  Attributes:
+    config: the ``EncoderConfig``.
+    module: the Flax module (``AnySatEncoder``).
+    params: the parameter tree.
+    num_compiles: how many times the forward pass has been traced and compiled.
+  """
+
+  def __init__(self, size: str = "base", params: Params | None = None, *, seed: int = 0,
+               config: EncoderConfig | None = None, **overrides: Any):
+    """Builds a model from a size preset (``tiny``, ``small``, ``base``) and overrides (see
+    ``config.encoder_config``), with ``params`` or random weights drawn from ``seed``."""
+    self.config = config if config is not None else encoder_config(size, **overrides)
+    self.module = AnySatEncoder(self.config)
+    if params is None:
+      init = jax.jit(lambda key: self.module.init(key, method=AnySatEncoder.init_all))
+      # The rbg generator needs far less scratch memory than threefry for 126M values.
+      params = init(jax.random.key(seed, impl="rbg"))["params"]
+    self.params = params
+    self.num_compiles = 0
+    self._features = jax.jit(self._traced_features,
+                             static_argnames=("order", "patch_size", "dense_modality"))
+
+  @classmethod
+  def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> AnySat:
+    """Loads a converted checkpoint directory (``python -m anysat_jax.convert``) or converts an
+    official ``.pth`` / ``.npz`` / ``.safetensors`` state dict on the fly.
+
+    ``overrides`` may set ``combiner_attention`` and the projectors' ``reduce_scale``.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      params, config = convert.load(path)
+      return cls(params=params, config=override(config, **overrides))
+    sd = convert.read_state_dict(path)
+    config = convert.infer_config(sd, **overrides)
+    return cls(params=convert.state_dict_to_params(sd, config), config=config)
+
+  def apply(self, params: Params, batch: Mapping[str, Any], patch_size: int,
+            output: str = "tile", output_modality: str | None = None, *,
+            raster_dense: bool = False) -> jax.Array:
+    """Pure forward pass (no validation, no jit): for composing inside your own jitted code.
+
+    Under ``jax.jit`` a dict's keys are sorted, so give ``output_modality`` explicitly for
+    ``dense``; the default (first modality) follows the dict's order.
+    """
+    return self.module.apply({"params": params}, dict(batch), patch_size, output,
+                             output_modality, raster_dense=raster_dense)
+
+  def __call__(self, batch: Mapping[str, Any], patch_size: int, output: str = "tile",
+               output_modality: str | None = None, *, raster_dense: bool = False) -> jax.Array:
+    """Validates ``batch`` and encodes it; see ``AnySatEncoder.__call__`` for the outputs."""
+    validate_inputs(batch, patch_size, self.config, output, output_modality)
+    arrays = {k: _as_input(k, v) for k, v in batch.items()}
+    dense_modality = None
+    if output == "dense":
+      dense_modality = output_modality or mods.modality_keys(batch)[0]
+    z, sub = self._features(self.params, arrays, order=tuple(batch),
+                            patch_size=int(patch_size), dense_modality=dense_modality)
+    return select_output(z, sub, output, dense_modality, int(patch_size) // 10, raster_dense)
+
+  def _traced_features(self, params, arrays, *, order, patch_size, dense_modality):
+    # Tile, patch and all share one compiled function; only dense needs its sub-tokens.
+    self.num_compiles += 1          # runs only when jax traces, i.e. once per compile
+    ordered = {k: arrays[k] for k in order}
+    return self.module.apply({"params": params}, ordered, patch_size, dense_modality,
+                             method=AnySatEncoder.features)
+
+
+def _as_input(key: str, value: Any) -> jax.Array:
+  """Data and masks as float32 (float64 is narrowed), dates as float32 days."""
+  arr = value if isinstance(value, jax.Array) else np.asarray(value)
+  if key.endswith(mods.AUX_SUFFIXES) or arr.dtype == np.float64:
+    return jnp.asarray(arr, jnp.float32)
+  return jnp.asarray(arr)
+

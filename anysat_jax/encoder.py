@@ -1,0 +1,153 @@
+"""The AnySat encoder: projectors -> shared spatial encoder -> combiner -> outputs.
+
+Inputs use the reference layouts: single-date images (B, C, H, W); time series (B, T, C, H, W)
+with ``<mod>_dates`` (B, T) in days, an optional date mask ``<mod>_mask`` (B, T) (1 = real date,
+0 = padding) and an optional value mask ``<mod>_valid`` broadcastable to the series (0 = missing
+value, replaced by the projector's learned pad value). The modality order of the dict decides
+the patch grid (first non-MODIS modality), the default dense modality (first modality) and the
+token order of the combiner.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from anysat_jax import modalities as mods
+from anysat_jax.combiner import Combiner
+from anysat_jax.config import EncoderConfig
+from anysat_jax.pos_embed import sincos_grid
+from anysat_jax.projectors import LTAEProjector, VHRProjector
+from anysat_jax.spatial_encoder import SpatialEncoder
+
+OUTPUTS = ("tile", "patch", "all", "dense")
+
+
+class AnySatEncoder(nn.Module):
+  """Pure-functional (linen) AnySat encoder. See ``__call__`` for the outputs."""
+
+  config: EncoderConfig
+
+  def setup(self):
+    cfg = self.config
+    self.projectors = {
+        name: (VHRProjector if mods.get(name).projector == "vhr" else LTAEProjector)(
+            mods.get(name), pcfg, name=mods.get(name).param_name)
+        for name, pcfg in cfg.projectors}
+    self.spatial_encoder = SpatialEncoder(cfg.spatial_depth, cfg.spatial_heads, cfg.mlp_ratio,
+                                          name="spatial_encoder")
+    self.combiner = Combiner(cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.combiner_attention,
+                             name="combiner")
+    self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.dim))
+
+  def project(self, inputs: dict[str, jax.Array], name: str, scale: int) -> jax.Array:
+    """One modality's projector: -> sub-patch tokens (B * N_m, K_m, E)."""
+    x = inputs[name]
+    if mods.get(name).projector == "vhr":
+      return self.projectors[name](x, scale)
+    return self.projectors[name](x, inputs[name + mods.DATES_SUFFIX], scale,
+                                 inputs.get(name + mods.MASK_SUFFIX),
+                                 inputs.get(name + mods.VALID_SUFFIX))
+
+  def encode_patches(self, inputs: dict[str, jax.Array], name: str, scale: int
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Projector + spatial encoder: (patch tokens (B*N, E), sub-patch tokens (B*N, K, E))."""
+    tokens = self.project(inputs, name, scale)
+    return self.spatial_encoder(tokens, scale, mods.get(name).subpatch_m)
+
+  def features(self, inputs: dict[str, jax.Array], patch_size: int,
+               dense_modality: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """Runs the network: (tokens (B, 1 + N, E), tile first; sub-patch tokens (B, N, K, E) of
+    ``dense_modality`` or None)."""
+    scale = patch_size // 10
+    names = mods.modality_keys(inputs)
+    b = inputs[names[0]].shape[0]
+    dim = self.config.dim
+    grids, context, sub = [], [], None
+    for name in names:
+      patch_tokens, sub_tokens = self.encode_patches(inputs, name, scale)
+      if mods.get(name).context_token:
+        context.append(patch_tokens.reshape(b, 1, dim))
+        continue
+      num = patch_tokens.shape[0] // b
+      grids.append(patch_tokens.reshape(b, num, dim))
+      if name == dense_modality:
+        sub = sub_tokens.reshape(b, num, -1, dim)
+    side = math.isqrt(grids[0].shape[1])
+    pe = jnp.asarray(sincos_grid(dim, side, scale, 1)[1:], grids[0].dtype)
+    cls = jnp.broadcast_to(self.cls_token.astype(grids[0].dtype), (b, 1, dim))
+    x = jnp.concatenate([cls, *context, *(g + pe for g in grids)], axis=1)
+    return self.combiner(x, side, scale, len(grids), bool(context)), sub
+
+  def __call__(self, inputs: dict[str, jax.Array], patch_size: int, output: str = "tile",
+               output_modality: str | None = None, *, raster_dense: bool = False) -> jax.Array:
+    """Encodes a batch of tiles.
+
+    Args:
+      inputs: modality arrays and their ``_dates`` / ``_mask`` / ``_valid`` companions.
+      patch_size: patch side P in metres; the network uses s = P // 10.
+      output: ``tile`` (B, E); ``patch`` (B, n, n, E); ``all`` (B, 1 + n*n, E), tile first;
+        ``dense`` (B, n*k, n*k, 2E): the patch token repeated over its k x k sub-patch cells,
+        concatenated with the spatial encoder's sub-patch tokens of ``output_modality``
+        (default: the first modality).
+      output_modality: modality of the dense map.
+      raster_dense: aerial only: place sub-patches at their true position inside each patch
+        instead of the reference's blocked order (no effect for other modalities).
+    """
+    if output not in OUTPUTS:
+      raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if output == "dense" and not output_modality:
+      output_modality = mods.modality_keys(inputs)[0]
+    dense_modality = output_modality if output == "dense" else None
+    z, sub = self.features(inputs, patch_size, dense_modality)
+    return select_output(z, sub, output, dense_modality, patch_size // 10, raster_dense)
+
+  def init_all(self, scale: int = 1) -> jax.Array:
+    """Touches every parameter (for ``init``): each projector on a tiny dummy input."""
+    outs = []
+    for name, _ in self.config.projectors:
+      m = mods.get(name)
+      if m.projector == "vhr":
+        px = m.kernel * m.cells_per_10m() * scale
+        x = {name: jnp.zeros((1, m.channels, px, px))}
+      else:
+        px = max(1, scale // self.projectors[name].cfg.reduce_scale)
+        x = {name: jnp.zeros((1, 1, m.channels, px, px)), name + "_dates": jnp.zeros((1, 1))}
+      outs.append(self.encode_patches(x, name, scale)[0].sum())
+    x = jnp.zeros((1, 1 + 1, self.config.dim)) + self.cls_token
+    outs.append(self.combiner(x, 1, scale, 1, False).sum())
+    return sum(outs)
+
+
+def select_output(z: jax.Array, sub: jax.Array | None, output: str,
+                  dense_modality: str | None = None, scale: int = 1,
+                  raster_dense: bool = False) -> jax.Array:
+  """Shapes the network's tokens into one output mode (see ``AnySatEncoder.__call__``)."""
+  b, length, dim = z.shape
+  side = math.isqrt(length - 1)
+  if output == "tile":
+    return z[:, 0]
+  if output == "all":
+    return z
+  if output == "patch":
+    return z[:, 1:].reshape(b, side, side, dim)
+  if output != "dense":
+    raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+  if sub is None:
+    raise ValueError(f"dense output modality {dense_modality!r} is not a patch-grid input "
+                     "modality of this batch")
+  n_patches, k2 = sub.shape[1:3]
+  k = math.isqrt(k2)
+  m = mods.get(dense_modality)
+  if raster_dense and m.projector == "vhr" and scale > 1 and m.cells_per_10m() > 1:
+    g = m.cells_per_10m()
+    # Blocked order (a, b', c, d) -> raster (a, c, b', d) inside each patch.
+    sub = sub.reshape(b, n_patches, scale, scale, g, g, dim).transpose(0, 1, 2, 4, 3, 5, 6)
+  sub = sub.reshape(b, side, side, k, k, dim).transpose(0, 1, 3, 2, 4, 5)
+  sub = sub.reshape(b, side * k, side * k, dim)
+  pat = z[:, 1:].reshape(b, side, 1, side, 1, dim)
+  pat = jnp.broadcast_to(pat, (b, side, k, side, k, dim)).reshape(b, side * k, side * k, dim)
+  return jnp.concatenate([pat, sub], axis=-1)

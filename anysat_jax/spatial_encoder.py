@@ -1,0 +1,93 @@
+"""The shared spatial transformer: sub-patch tokens of one patch -> one patch token.
+
+It runs once per modality on (B*N, K, E) token groups, prepends a class token, adds a sin-cos
+table of the sub-patch positions in metres, and applies pre-norm blocks whose attention carries
+the contextual relative-position (iRPE) term of the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from anysat_jax import layers, pos_embed
+
+
+class RPEAttention(nn.Module):
+  """Self-attention with iRPE on keys: ``logits = (q s) k^T + R``, s = hd**-0.5.
+
+  ``R[i, j] = <(q s)_i of head 0, W[:, bucket(i, j)]>`` is added to every head, as in the
+  reference (its gather keeps head 0 only).
+  """
+
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, buckets) -> jax.Array:
+    """x (b, L, E); buckets: static int (L, L) iRPE bucket ids."""
+    b, length, e = x.shape
+    hd = e // self.num_heads
+    # Head-major (3, b, h, L, hd): XLA's batched matmuls are fastest with the batch axes leading.
+    qkv = nn.Dense(3 * e, name="qkv")(x).reshape(b, length, 3, self.num_heads, hd)
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+    q = q * hd ** -0.5
+    table = self.param("rpe_table", nn.initializers.zeros, (hd, pos_embed.NUM_BUCKETS))
+    qw = q[:, 0] @ table.astype(q.dtype)                            # (b, L, 8), head 0
+    rpe = jnp.take_along_axis(qw, jnp.broadcast_to(jnp.asarray(buckets), (b, length, length)),
+                              axis=2)
+    logits = jnp.einsum("bhid,bhjd->bhij", q, k) + rpe[:, None]
+    attn = jax.nn.softmax(logits, axis=-1)
+    o = jnp.einsum("bhij,bhjd->bhid", attn, v).transpose(0, 2, 1, 3).reshape(b, length, e)
+    return nn.Dense(e, name="proj")(o)
+
+
+class RPEBlock(nn.Module):
+  """Pre-norm transformer block (LayerNorm eps 1e-5) with RPE attention."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, buckets) -> jax.Array:
+    x = x + RPEAttention(self.num_heads, name="attn")(layers.layer_norm(1e-5, "norm1")(x),
+                                                      buckets)
+    hidden = int(x.shape[-1] * self.mlp_ratio)
+    return x + layers.Mlp(hidden, name="mlp")(layers.layer_norm(1e-5, "norm2")(x))
+
+
+def pe_grid_side(scale: int, subpatch_m: float) -> int:
+  """Side G of the sub-patch positional grid: max(1, int(s * 10 / rho)) with the reference's
+  float division and truncation."""
+  return max(1, int(scale * 10 / subpatch_m))
+
+
+class SpatialEncoder(nn.Module):
+  """Encodes each patch's K sub-patch tokens into one patch token."""
+
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, scale: int,
+               subpatch_m: float) -> tuple[jax.Array, jax.Array]:
+    """tokens (B*N, K, E) of one modality; returns (patch tokens (B*N, E), sub-tokens (B*N, K, E)).
+
+    ``subpatch_m`` is the modality's sub-patch spacing rho in metres.
+    """
+    bn, k, e = tokens.shape
+    side = pe_grid_side(scale, subpatch_m)
+    if side * side != k:
+      raise ValueError(f"spatial encoder: {k} sub-patch tokens per patch but a positional grid "
+                       f"of {side}x{side} (patch scale {scale}, sub-patch {subpatch_m} m)")
+    cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, e))
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(tokens.dtype), (bn, 1, e)), tokens], 1)
+    x = x + jnp.asarray(pos_embed.sincos_grid(e, side, subpatch_m, 1), x.dtype)
+    buckets = pos_embed.rpe_buckets(math.isqrt(1 + k), 1)
+    for i in range(self.depth):
+      x = RPEBlock(self.num_heads, self.mlp_ratio, name=f"block_{i}")(x, buckets)
+    x = layers.layer_norm(1e-5, "norm")(x)
+    return x[:, 0], x[:, 1:]

@@ -1,0 +1,1 @@
+"""Input pipeline: dataset readers, TFDS builders, Grain loaders and the GeoPlex mixture."""

@@ -1,0 +1,1 @@
+"""One module per dataset, each exposing ``SPEC: dataset_spec.DatasetSpec``."""

@@ -1,0 +1,253 @@
+"""Per-(dataset, modality) channel statistics for the normalisation (x - mean_c) / std_c.
+
+The official rule (spec C.1): over the examples of a split, the average of the per-example
+per-channel means and the average of the per-example per-channel unbiased standard deviations,
+each taken over (T, H, W); here values whose ``<mod>_valid`` is 0 are left out. Edge cases: an
+example whose channel has fewer than 2 valid values does not enter that channel's std (fewer
+than 1: nor its mean); a channel with no valid value anywhere gets mean 0, std 1; an average std
+of 0 (constant channel) becomes 1.
+
+Two places hold statistics, both ``{modality: {"mean": [...], "std": [...], "source": str}}``:
+
+- next to a prepared dataset, ``<data_dir>/<name>/<version>/normalization.json``, computed on its
+  training split, or its first non-empty split if it has none (``compute_stats``; written by
+  ``prepare.ensure_prepared`` or this module's command line);
+- shipped with the package, ``anysat_jax/normalization.json`` (``{dataset: {modality: ...}}``):
+  the official TreeSatAI constants of the AnySat demo (``aerial``, ``s2``, 3-channel ``s1``) and,
+  for every other (dataset, modality), statistics computed on the shipped or generated sample,
+  marked as such in ``source``. Regenerate it with ``--package``.
+
+``load_stats`` picks, in order: official constants, the prepared dataset's file, the package's
+sample statistics (with a warning: sample statistics are a stand-in for real data).
+
+  python -m input_pipeline.normalization NAME [NAME ...] --data_dir=DIR [--split=train]
+  python -m input_pipeline.normalization --package
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from anysat_jax import modalities as mods
+from input_pipeline.dataset_spec import Example
+
+STATS_FILE = "normalization.json"
+PACKAGE_FILE = os.path.join(os.path.dirname(os.path.abspath(mods.__file__)), STATS_FILE)
+OFFICIAL = "official (AnySat demo)"
+SHIPPED = "computed on the shipped sample"
+GENERATED = "computed on the generated sample"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+  """Channel statistics of one modality: ``mean``, ``std`` float32 (C,) in raw units."""
+
+  mean: np.ndarray
+  std: np.ndarray
+  source: str
+
+  def to_json(self) -> dict[str, Any]:
+    return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std],
+            "source": self.source}
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> Stats:
+    return cls(np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32),
+               str(d["source"]))
+
+
+def _channel_moments(x: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and unbiased std of (..., C, H, W) over all other axes, valid values only.
+
+  Returns float64 (C,) each; NaN where a channel has fewer than 1 (mean) or 2 (std) values.
+  """
+  c = x.shape[-3]
+  xc = np.moveaxis(np.asarray(x, np.float64), -3, 0).reshape(c, -1)
+  w = np.ones_like(xc) if valid is None else np.moveaxis(
+      np.broadcast_to(valid, x.shape) != 0, -3, 0).reshape(c, -1).astype(np.float64)
+  n = w.sum(1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    mean = (xc * w).sum(1) / n
+    var = (((xc - mean[:, None]) ** 2) * w).sum(1) / (n - 1)
+  return np.where(n > 0, mean, np.nan), np.sqrt(np.where(n > 1, var, np.nan))
+
+
+def compute_stats(source: Sequence[Example], modalities: Sequence[str], *,
+                  max_examples: int | None = None, description: str | None = None
+                  ) -> dict[str, Stats]:
+  """Official-rule statistics of ``modalities`` over the examples of ``source``.
+
+  source: random-access examples (e.g. ``builders.data_sources(...)[split]``); raw values, with
+    optional ``<mod>_valid``.
+  max_examples: use at most this many examples, evenly spaced over the source.
+  description: the ``source`` field of the result (default: "computed on N examples").
+  """
+  n = len(source)
+  if n == 0:
+    raise ValueError("cannot compute statistics on an empty source")
+  idx = range(n) if max_examples is None or max_examples >= n else (
+      np.arange(max_examples) * n // max_examples)
+  per_example: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in modalities}
+  for i in idx:
+    ex = source[int(i)]
+    for m in modalities:
+      per_example[m].append(_channel_moments(ex[m], ex.get(m + mods.VALID_SUFFIX)))
+  desc = description or f"computed on {len(idx)} examples"
+  out = {}
+  for m, moments in per_example.items():
+    means, stds = (np.stack(v) for v in zip(*moments, strict=True))
+    with warnings.catch_warnings():  # All-NaN channels are handled below.
+      warnings.simplefilter("ignore", RuntimeWarning)
+      mean, std = np.nanmean(means, 0), np.nanmean(stds, 0)
+    mean = np.nan_to_num(mean, nan=0.0)
+    std = np.where(std > 0, std, 1.0)  # Also replaces NaN.
+    out[m] = Stats(mean.astype(np.float32), std.astype(np.float32), desc)
+  return out
+
+
+def stats_file(data_dir: str, name: str) -> str:
+  """The statistics file of the prepared dataset ``name`` (``builders`` layout)."""
+  from input_pipeline import builders  # Not at the top: builders imports TFDS.
+
+  return os.path.join(data_dir, name, builders.VERSION, STATS_FILE)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Writes ``obj`` atomically (temporary file + rename), each list of numbers on one line."""
+  text = re.sub(r"\[([^\[\]{}\"]*)\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
+                json.dumps(obj, indent=1))
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    f.write(text + "\n")
+  os.replace(tmp, path)
+
+
+def write_stats(path: str, stats: Mapping[str, Stats]) -> None:
+  """Writes ``{modality: stats}`` to ``path`` as JSON."""
+  _write_json(path, {m: s.to_json() for m, s in stats.items()})
+
+
+def read_stats(path: str) -> dict[str, Stats]:
+  """Reads a file written by ``write_stats``."""
+  with open(path) as f:
+    return {m: Stats.from_json(d) for m, d in json.load(f).items()}
+
+
+def package_stats() -> dict[str, dict[str, Stats]]:
+  """The statistics shipped with the package: ``{dataset: {modality: Stats}}``."""
+  with open(PACKAGE_FILE) as f:
+    return {ds: {m: Stats.from_json(d) for m, d in per.items()} for ds, per in json.load(f).items()}
+
+
+def load_stats(dataset: str, modality: str, path: str | None = None) -> Stats:
+  """The statistics to normalise ``modality`` of ``dataset`` (a registry name) with.
+
+  Official constants first, then the prepared dataset's file ``path`` (see ``stats_file``), then
+  the package's statistics computed on the sample (logged as a warning when ``path`` was given).
+  """
+  shipped = package_stats().get(dataset, {})
+  if modality in shipped and shipped[modality].source == OFFICIAL:
+    return shipped[modality]
+  if path is not None and os.path.exists(path):
+    computed = read_stats(path)
+    if modality in computed:
+      return computed[modality]
+  if modality not in shipped:
+    raise ValueError(f"no normalisation statistics for {dataset}/{modality} (looked in "
+                     f"{path or 'no prepared-data file'} and {PACKAGE_FILE}); compute them with "
+                     "python -m input_pipeline.normalization")
+  if path is not None:
+    logging.getLogger(__name__).warning(
+        "%s/%s: no statistics in %s; using the package's (%s)", dataset, modality, path,
+        shipped[modality].source)
+  return shipped[modality]
+
+
+# The demo's TreeSatAI constants (spec D), used as (x - mean) / std.
+TREESATAI_DEMO = {
+    "aerial": ([150.89349365234375, 92.7138900756836, 84.85437774658203, 80.70423889160156],
+               [36.764923095703125, 27.62498664855957, 22.479450225830078, 26.733688354492188]),
+    "s2": ([4304.32958984375, 4159.2666015625, 4057.776611328125, 4328.951171875,
+            4571.22119140625, 4644.87109375, 4837.2470703125, 4700.2578125, 2823.264404296875,
+            2319.97021484375],
+           [3537.99755859375, 3324.23486328125, 3270.070068359375, 3250.530029296875,
+            2897.391357421875, 2754.4970703125, 2821.521484375, 2625.952392578125,
+            1731.56298828125, 1549.3028564453125]),
+    "s1": ([3.2893013954162598, -3.682938814163208, 0.6116273403167725],
+           [40.11152267456055, 40.535335540771484, 1.0343183279037476]),
+}
+
+
+def write_package_file(path: str = PACKAGE_FILE) -> dict[str, dict[str, Stats]]:
+  """Recomputes the package's statistics from the samples (prepared into a temporary folder)."""
+  from input_pipeline import builders, prepare  # Not at the top: prepare imports this module.
+  from input_pipeline.datasets import registry
+
+  out: dict[str, dict[str, Stats]] = {}
+  with tempfile.TemporaryDirectory() as data_dir:
+    for dataset in registry.names():
+      spec = registry.get_spec(dataset)
+      # FLAIR: aerial-flair from the real aerial patches, not from the synthetic FLAIR-2 sample.
+      groups = ([("aerial-flair",), ("s2",)] if dataset == "flair" else [tuple(spec.modalities)])
+      per: dict[str, Stats] = {}
+      for group in groups:
+        name = prepare.ensure_prepared(dataset, data_dir, modalities=group, with_stats=False)
+        sources = builders.data_sources(name, data_dir)
+        split = prepare.stats_split(sources)
+        for m, s in compute_stats(sources[split], group).items():
+          kind = GENERATED if prepare.sample_kind(dataset, m) == "generated" else SHIPPED
+          per[m] = dataclasses.replace(s, source=kind)
+      if dataset == "treesatai_ts":
+        per.update({m: Stats(np.asarray(mean, np.float32), np.asarray(std, np.float32), OFFICIAL)
+                    for m, (mean, std) in TREESATAI_DEMO.items()})
+      out[dataset] = per
+  _write_json(path, {ds: {m: s.to_json() for m, s in per.items()} for ds, per in out.items()})
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point; returns the exit status."""
+  parser = argparse.ArgumentParser(prog="python -m input_pipeline.normalization",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("names", nargs="*", help="prepared datasets (as named under data_dir)")
+  parser.add_argument("--data_dir", help="where the prepared datasets are")
+  parser.add_argument("--split", default="train", help="split to compute the statistics on")
+  parser.add_argument("--max_examples", type=int, help="evenly spaced subset of the split")
+  parser.add_argument("--package", action="store_true",
+                      help=f"recompute {PACKAGE_FILE} from the samples")
+  args = parser.parse_args(argv)
+  if args.package:
+    for ds, per in write_package_file().items():
+      print(f"{ds}: " + ", ".join(f"{m} ({s.source})" for m, s in per.items()))
+    return 0
+  if not args.names or not args.data_dir:
+    parser.error("give dataset names and --data_dir, or --package")
+  from input_pipeline import builders
+
+  for name in args.names:
+    source = builders.data_sources(name, args.data_dir)[args.split]
+    modalities = [k for k in source[0] if k in mods.MODALITIES]
+    stats = compute_stats(source, modalities, max_examples=args.max_examples,
+                          description=f"computed on split {args.split!r} of {name}")
+    path = stats_file(args.data_dir, name)
+    write_stats(path, stats)
+    print(f"{name}: {', '.join(stats)} → {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Small synthetic datasets in the published on-disk layouts (see ``generate``)."""

@@ -1,0 +1,246 @@
+"""Feature extraction (``anysat_jax.embed``) and the GeoTIFF helpers (``anysat_jax.geotiff``).
+
+AnySat attends over the whole tile, so a window's features depend on its context. What tiled
+inference promises, and what is tested here: a window covering the whole scene gives exactly the
+untiled call; each window gives exactly the model's output on that window's pixels; a dense cell
+covered by one window only keeps that window's value; a cell covered by several windows is their
+ramp-weighted mean. Tiled features are not the whole-scene features.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+from xml.etree import ElementTree
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+
+from anysat_jax import AnySat, convert, embed, geotiff
+from anysat_jax.parity import rel_l2
+from input_pipeline.datasets import treesatai_ts
+from input_pipeline.normalization import load_stats
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TREESAT = REPO / "input_pipeline" / "samples" / "TreeSatAI-TS"
+NAME = "Abies_alba_1_1005_WEFL_NLF"
+TIF = TREESAT / "aerial" / f"{NAME}.tif"
+H5 = TREESAT / "sentinel" / f"{NAME}.h5"
+TINY = dict(dim=64, depth=1, num_heads=4, spatial_depth=1, spatial_heads=4)
+SAMPLE_ARGS = ["--input", f"aerial={TIF}", "--crop", "aerial=300",
+               "--input", f"s2={H5}", "--h5_key", "s2=sen-2-data",
+               "--h5_dates_key", "s2=sen-2-products",
+               "--input", f"s1-asc={H5}", "--h5_key", "s1-asc=sen-1-asc-data",
+               "--h5_dates_key", "s1-asc=sen-1-asc-products",
+               "--stats", "treesatai_ts", "--patch_size", "20"]
+
+
+@pytest.fixture(scope="module")
+def model():
+  return AnySat("tiny", seed=0, modalities=("aerial", "s2", "s1-asc"), **TINY)
+
+
+@pytest.fixture(scope="module")
+def ckpt(model, tmp_path_factory):
+  path = tmp_path_factory.mktemp("ckpt")
+  convert.save(model.params, model.config, path)
+  return path
+
+
+def _input_tags(path):
+  with tifffile.TiffFile(path) as tif:
+    return {t.code: t.value for t in tif.pages.first.tags.values()}
+
+
+def test_sample_tile_and_patch_match_the_api(model, tmp_path):
+  """Shipped TreeSatAI tile, aerial cropped to 300 px: the written table equals the API on the
+  same arrays read by the dataset reader (s1-asc from the .pth there, the .h5 here)."""
+  _, ex = next(treesatai_ts.read(str(TREESAT), "train"))
+  arrays = {"aerial": ex["aerial"][:, 2:302, 2:302], "s2": ex["s2"], "s1-asc": ex["s1-asc"]}
+  batch = {}
+  for name, x in arrays.items():
+    s = load_stats("treesatai_ts", name)
+    batch[name] = ((x - s.mean[:, None, None]) / s.std[:, None, None])[None]
+    if name != "aerial":
+      batch[name + "_dates"] = ex[name + "_dates"][None].astype(np.float32)
+  want_tile = np.asarray(model(batch, 20, "tile"))
+  want_patch = np.asarray(model(batch, 20, "patch"))
+
+  embed.run(model, embed.parse_args([*SAMPLE_ARGS, "--out", str(tmp_path / "t.npz")]))
+  z = np.load(tmp_path / "t.npz")
+  assert rel_l2(z["feature"], want_tile) < 1e-6
+  x0, y0 = 565642.600000003 + 2 * 0.20000000000015317, 5770980.399999992 - 2 * 0.19999999999938728
+  assert z["name"].tolist() == [NAME] and z["size_m"].tolist() == [60.0]
+  np.testing.assert_allclose([z["x"][0], z["y"][0]], [x0, y0], rtol=0, atol=1e-6)
+  meta = json.loads(str(z["meta"]))
+  assert meta["inputs"]["aerial"]["shape"] == [4, 300, 300]
+  assert meta["normalization"]["s2"] == "treesatai_ts: official (AnySat demo)"
+
+  embed.run(model, embed.parse_args([*SAMPLE_ARGS, "--output", "patch",
+                                     "--out", str(tmp_path / "p.parquet")]))
+  t = pq.read_table(tmp_path / "p.parquet").to_pydict()
+  assert rel_l2(np.array(t["feature"]), want_patch.reshape(9, 64)) < 1e-6
+  assert t["row_m"] == [0, 0, 0, 20, 20, 20, 40, 40, 40] and t["col_m"][:3] == [0, 20, 40]
+  np.testing.assert_allclose(t["y"][3], y0 - 20 * 0.19999999999938728 / 0.2, atol=1e-6)
+
+
+def _scene(h=24, w=24, t=3, seed=0):
+  rng = np.random.default_rng(seed)
+  return ({"s2": rng.normal(size=(t, 10, h, w)).astype(np.float32)},
+          {"s2": np.array([30, 120, 250], np.float32)[:t]})
+
+
+def _windows(arrays, dates, origins_px, px):
+  return {"s2": np.stack([arrays["s2"][..., r:r + px, c:c + px] for r, c in origins_px]),
+          "s2_dates": np.broadcast_to(dates["s2"], (len(origins_px), len(dates["s2"])))}
+
+
+def test_tiled_dense(model):
+  """24x24 px of s2 at 10 m, windows of 120 m overlapping by 60 m, patches of 20 m."""
+  arrays, dates = _scene()
+  whole = embed.embed_arrays(model, arrays, dates, 20, "dense")
+  direct = model(_windows(arrays, dates, [(0, 0)], 24), 20, "dense", raster_dense=True)
+  np.testing.assert_array_equal(whole.features, np.asarray(direct)[0])
+  one = embed.embed_arrays(model, arrays, dates, 20, "dense", tile_m=240, overlap_m=60)
+  np.testing.assert_array_equal(one.features, whole.features)       # one window = untiled
+
+  tiled = embed.embed_arrays(model, arrays, dates, 20, "dense", tile_m=120, overlap_m=60,
+                             batch=9)
+  starts = [0, 6, 12]
+  origins = [(r, c) for r in starts for c in starts]
+  np.testing.assert_array_equal(tiled.origins_m, 10.0 * np.array(origins))
+  assert tiled.cell_m == 10.0 and tiled.features.shape == (24, 24, 128)
+  f = np.asarray(model(_windows(arrays, dates, origins, 12), 20, "dense", raster_dense=True))
+  # Cells seen by one window only (the corners) keep that window's value.
+  np.testing.assert_array_equal(tiled.features[:6, :6], f[0, :6, :6])
+  np.testing.assert_array_equal(tiled.features[18:, 18:], f[8, 6:, 6:])
+  # Rows 0-5, columns 6-11: windows (0, 0) and (0, 1), linear weights summing to 1 per column.
+  b = (np.arange(6) + 0.5) / 6
+  want = (1 - b)[None, :, None] * f[0, :6, 6:] + b[None, :, None] * f[1, :6, :6]
+  np.testing.assert_allclose(tiled.features[:6, 6:12], want, rtol=1e-5, atol=1e-6)
+  # Context matters: the blended windows differ from one call on the whole scene.
+  assert rel_l2(tiled.features, whole.features) > 1e-3
+
+
+def test_tiled_tile_rows_flush_edge_and_padding(model):
+  """A 240 x 280 m scene: columns 0, 60, 120 and a last window flush with the edge (160 m);
+  12 windows in batches of 5 (the last padded) give the model's tile vector of each window."""
+  arrays, dates = _scene(24, 28)
+  emb = embed.embed_arrays(model, arrays, dates, 20, "tile", tile_m=120, overlap_m=60, batch=5)
+  origins = [(r, c) for r in (0, 6, 12) for c in (0, 6, 12, 16)]
+  np.testing.assert_array_equal(emb.origins_m, 10.0 * np.array(origins))
+  want = np.asarray(model(_windows(arrays, dates, origins, 12), 20, "tile"))
+  assert rel_l2(emb.features, want) < 1e-6
+
+
+def test_dense_geotiff_keeps_crs_scales_pixels(model, tmp_path):
+  """Aerial dense map of the cropped tile: 2 m cells, corner moved by the 2 px crop, CRS kept."""
+  out = tmp_path / "d.tif"
+  emb = embed.run(model, embed.parse_args(
+      ["--input", f"aerial={TIF}", "--crop", "aerial=300", "--stats", "treesatai_ts",
+       "--patch_size", "20", "--output", "dense", "--bands", "last", "--out", str(out)]))
+  data, ref = geotiff.read(out)
+  assert data.shape == (64, 30, 30)
+  np.testing.assert_array_equal(data, np.moveaxis(emb.features, -1, 0))
+  src, got = _input_tags(TIF), _input_tags(out)
+  for code in geotiff.CRS_TAGS:
+    assert got[code] == src[code], code
+  sx, sy, _ = src[geotiff.MODEL_PIXEL_SCALE]
+  np.testing.assert_allclose(got[geotiff.MODEL_PIXEL_SCALE], (10 * sx, 10 * sy, 0), rtol=1e-12)
+  x, y = src[geotiff.MODEL_TIEPOINT][3:5]
+  np.testing.assert_allclose(got[geotiff.MODEL_TIEPOINT], (0, 0, 0, x + 2 * sx, y - 2 * sy, 0),
+                             rtol=0, atol=1e-6)
+  item = ElementTree.fromstring(got[geotiff.GDAL_METADATA]).find("Item[@name='anysat']")
+  assert json.loads(item.text)["cell_m"] == 2.0
+
+
+def test_cli_subprocess(ckpt, tmp_path):
+  """The command line on the shipped sample, s2 dense map at 10 m georeferenced by the aerial."""
+  out = tmp_path / "s2.tif"
+  proc = subprocess.run(
+      [sys.executable, "-m", "anysat_jax.embed", *SAMPLE_ARGS, "--weights", str(ckpt),
+       "--output", "dense", "--output_modality", "s2", "--bands", "first", "--out", str(out)],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert "wrote a 6x6 dense map of 64 bands at 10 m" in proc.stderr
+  assert "RANDOM" not in proc.stderr
+  data, ref = geotiff.read(out)
+  assert data.shape == (64, 6, 6) and np.isfinite(data).all()
+  np.testing.assert_allclose((ref.dx, ref.dy), (50 * 0.20000000000015317,
+                                                50 * 0.19999999999938728), rtol=1e-12)
+
+
+def test_errors(model, ckpt, caplog):
+  arrays = {"aerial": np.zeros((4, 304, 304), np.float32),
+            "s2": np.zeros((2, 10, 6, 6), np.float32)}
+  dates = {"s2": np.array([1.0, 2.0])}
+  with pytest.raises(ValueError, match=r"s2: 6x6 px x 10 m = 60 x 60 m but aerial: 304x304 px "
+                     r"x 0.2 m = 60.8 x 60.8 m; all inputs must cover the same ground extent"):
+    embed.embed_arrays(model, arrays, dates, 20)
+  s2, s2_dates = _scene(24, 28)
+  with pytest.raises(ValueError, match="240 x 280 m, not square; give a window size"):
+    embed.embed_arrays(model, s2, s2_dates, 20)
+  with pytest.raises(ValueError, match="window 130 m must be a positive multiple of the patch "
+                     "size 20 m"):
+    embed.embed_arrays(model, s2, s2_dates, 20, tile_m=130)
+  with pytest.raises(ValueError, match="overlap 120 m must be a multiple of the patch size 20 m, "
+                     "at least 0 and less than the window 120 m"):
+    embed.embed_arrays(model, s2, s2_dates, 20, tile_m=120, overlap_m=120)
+  with pytest.raises(ValueError, match=r"output_modality 'aerial' is not among the inputs "
+                     r"\(s2\) \(windows of 120 m\)"):
+    embed.embed_arrays(model, s2, s2_dates, 20, "dense", "aerial", tile_m=120)
+  with pytest.raises(ValueError, match="s2: 2 dates for 146 acquisitions"):
+    embed.read_input("s2", str(H5), np.array([1.0, 2.0]), "sen-2-data")
+  # The command line reports the mismatch (no --crop) and exits with status 2.
+  argv = [a for a in SAMPLE_ARGS if a not in ("--crop", "aerial=300")]
+  assert embed.main([*argv, "--weights", str(ckpt), "--out", "unused.npz"]) == 2
+  assert "but aerial: 304x304 px x 0.2 m = 60.8 x 60.8 m" in caplog.text
+
+
+def test_dates():
+  assert embed.parse_dates("2020-01-02,20200201, 45").tolist() == [2, 32, 45]
+  assert embed.day_of_year(b"S1A_IW_GRDH_1SDV_20200103T170841_20200103T170906") == 3
+  with pytest.raises(ValueError, match="not a date"):
+    embed.day_of_year("March")
+
+
+def _write_raw(path, tags):
+  extratags = [(code, 12 if code != geotiff.GEO_KEY_DIRECTORY else 3, len(v), v, True)
+               for code, v in tags.items()]
+  tifffile.imwrite(path, np.zeros((2, 4, 4), np.float32), photometric="minisblack",
+                   planarconfig="separate", extratags=extratags)
+
+
+def test_geotiff_georeferences(tmp_path):
+  # Projected, PixelIsPoint: the tie point is the centre of pixel (0, 0).
+  keys = (1, 1, 0, 2, 1024, 0, 1, 1, 1025, 0, 1, 2)
+  _write_raw(tmp_path / "p.tif", {geotiff.MODEL_PIXEL_SCALE: (10.0, 10.0, 0.0),
+                                  geotiff.MODEL_TIEPOINT: (0, 0, 0, 500005.0, 4999995.0, 0),
+                                  geotiff.GEO_KEY_DIRECTORY: keys})
+  x, ref = geotiff.read(tmp_path / "p.tif")
+  assert x.shape == (2, 4, 4) and ref.pixel_is_point
+  assert (ref.x0, ref.y0, ref.dx, ref.dy) == (500000.0, 5000000.0, 10.0, 10.0)
+  geotiff.write(tmp_path / "q.tif", x[:, :1, :1], ref.window(1, 2, 3))
+  assert _input_tags(tmp_path / "q.tif")[geotiff.MODEL_TIEPOINT] == (
+      0, 0, 0, 500035.0, 4999975.0, 0)
+  assert geotiff.read(tmp_path / "q.tif")[1].xy(0, 0) == (500020.0, 4999990.0)
+
+  # A north-up ModelTransformation is read; a rotated one is refused.
+  m = (10.0, 0, 0, 500000.0, 0, -10.0, 0, 5000000.0, 0, 0, 1, 0, 0, 0, 0, 1)
+  _write_raw(tmp_path / "m.tif", {geotiff.MODEL_TRANSFORMATION: m})
+  ref = geotiff.read(tmp_path / "m.tif")[1]
+  assert (ref.x0, ref.y0, ref.dx, ref.dy, ref.pixel_is_point) == (500000, 5000000, 10, 10, False)
+  _write_raw(tmp_path / "r.tif", {geotiff.MODEL_TRANSFORMATION: (10.0, 1.0, *m[2:])})
+  with pytest.raises(ValueError, match="rotated or sheared"):
+    geotiff.read(tmp_path / "r.tif")
+
+  # A projected raster in metres whose pixels are not the modality's is refused.
+  _write_raw(tmp_path / "s2.tif", {geotiff.MODEL_PIXEL_SCALE: (20.0, 20.0, 0.0),
+                                   geotiff.MODEL_TIEPOINT: (0, 0, 0, 500000.0, 5000000.0, 0),
+                                   geotiff.GEO_KEY_DIRECTORY: (1, 1, 0, 1, 1024, 0, 1, 1)})
+  with pytest.raises(ValueError, match="has 20 x 20 m pixels but the model reads s2 at 10 m"):
+    embed.read_input("s2", str(tmp_path / "s2.tif"), np.array([1.0]))
