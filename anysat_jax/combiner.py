@@ -69,22 +69,32 @@ class CrossAttention(nn.Module):
 
   @nn.compact
   def __call__(self, y: jax.Array, side: int, scale: int, num_grids: int,
-               num_special: int) -> jax.Array:
+               num_special: int, positions: jax.Array | None = None) -> jax.Array:
+    """y (B, L, E); ``positions`` (B, K): raster indices of the K grid patches present (each
+    modality's block of keys holds the same K patches), or None for the full grid."""
     b, length, e = y.shape
     hd = e // self.num_heads
     q_learned = self.param("q_learned", nn.initializers.normal(0.02), (1, 1, e))
-    q = q_learned[0].astype(y.dtype) + jnp.asarray(
-        pos_embed.sincos_grid(e, side, scale, num_special), y.dtype)   # (Lq, E)
-    lq = q.shape[0]
+    table = jnp.asarray(pos_embed.sincos_grid(e, side, scale, num_special), y.dtype)
     k = nn.Dense(e, name="wk")(y).reshape(b, length, self.num_heads, hd).transpose(0, 2, 1, 3)
     v = nn.Dense(e, name="wv")(y).reshape(b, length, self.num_heads, hd).transpose(0, 2, 1, 3)
-    qh = q.reshape(lq, self.num_heads, hd).transpose(1, 0, 2)         # (h, Lq, hd)
-    table = self.param("rpe_table", nn.initializers.zeros, (hd, pos_embed.NUM_BUCKETS))
-    buckets = pos_embed.cross_rpe_buckets(side, num_grids, num_special)
-    rpe = jnp.take_along_axis(qh[0] @ table.astype(q.dtype), jnp.asarray(buckets), axis=1)
-    logits = jnp.einsum("hid,bhjd->bhij", qh, k) * hd ** -0.5 + rpe   # rpe (Lq, L)
+    rpe_table = self.param("rpe_table", nn.initializers.zeros, (hd, pos_embed.NUM_BUCKETS))
+    if positions is None:
+      q = q_learned[0].astype(y.dtype) + table                          # (Lq, E)
+      qh = q.reshape(-1, self.num_heads, hd).transpose(1, 0, 2)       # (h, Lq, hd)
+      buckets = pos_embed.cross_rpe_buckets(side, num_grids, num_special)
+      rpe = jnp.take_along_axis(qh[0] @ rpe_table.astype(q.dtype), jnp.asarray(buckets), 1)
+      logits = jnp.einsum("hid,bhjd->bhij", qh, k) * hd ** -0.5 + rpe   # rpe (Lq, L)
+    else:
+      rows = jnp.concatenate([jnp.broadcast_to(jnp.arange(num_special), (b, num_special)),
+                              num_special + positions], axis=1)         # (B, Lq) table rows
+      q = q_learned[0].astype(y.dtype) + table[rows]                    # (B, Lq, E)
+      qh = q.reshape(b, -1, self.num_heads, hd).transpose(0, 2, 1, 3)  # (B, h, Lq, hd)
+      buckets = pos_embed.dynamic_cross_buckets(positions, side, num_grids, num_special)
+      rpe = jnp.take_along_axis(qh[:, 0] @ rpe_table.astype(q.dtype), buckets, axis=2)
+      logits = jnp.einsum("bhid,bhjd->bhij", qh, k) * hd ** -0.5 + rpe[:, None]
     attn = jax.nn.softmax(logits, axis=-1)
-    o = jnp.einsum("bhij,bhjd->bihd", attn, v).reshape(b, lq, e)
+    o = jnp.einsum("bhij,bhjd->bihd", attn, v).reshape(b, -1, e)
     return nn.Dense(e, name="proj")(o)
 
 
@@ -96,9 +106,9 @@ class CrossBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, side: int, scale: int, num_grids: int,
-               num_special: int) -> jax.Array:
+               num_special: int, positions: jax.Array | None = None) -> jax.Array:
     z = CrossAttention(self.num_heads, name="attn")(
-        layers.layer_norm(1e-6, "norm1")(x), side, scale, num_grids, num_special)
+        layers.layer_norm(1e-6, "norm1")(x), side, scale, num_grids, num_special, positions)
     hidden = int(z.shape[-1] * self.mlp_ratio)
     return z + layers.Mlp(hidden, name="mlp")(layers.layer_norm(1e-6, "norm2")(z))
 
@@ -113,14 +123,15 @@ class Combiner(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, side: int, scale: int, num_grids: int,
-               has_context: bool) -> jax.Array:
-    """x: (B, 1 + [1] + num_grids * side**2, E) = class token, optional MODIS context token,
-    then each modality's patch tokens."""
+               has_context: bool, positions: jax.Array | None = None) -> jax.Array:
+    """x: (B, 1 + [1] + num_grids * K, E) = class token, optional MODIS context token, then
+    each modality's K patch tokens (the full grid, K = side**2, or the patches at
+    ``positions`` (B, K)). Returns (B, 1 + K, E)."""
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, self.mode, name=f"block_{i}")(x)
     num_special = 2 if has_context else 1
     z = CrossBlock(self.num_heads, self.mlp_ratio, name="cross")(
-        x, side, scale, num_grids, num_special)
+        x, side, scale, num_grids, num_special, positions)
     if has_context:
       z = jnp.concatenate([z[:, :1], z[:, 2:]], axis=1)   # drop the MODIS query's output
     return z

@@ -11,6 +11,7 @@ token order of the combiner.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -24,6 +25,20 @@ from anysat_jax.projectors import LTAEProjector, VHRProjector
 from anysat_jax.spatial_encoder import SpatialEncoder
 
 OUTPUTS = ("tile", "patch", "all", "dense")
+
+
+class Embedding(NamedTuple):
+  """Per-modality patch tokens before the combiner.
+
+  grids: (B, M, N, E) spatial-encoder patch tokens of the M grid modalities (no positional
+    encoding), in input order.
+  context: (B, 1, E) MODIS context token, or None.
+  sub: (B, N, K, E) sub-patch tokens of the dense modality, or None.
+  """
+
+  grids: jax.Array
+  context: jax.Array | None
+  sub: jax.Array | None
 
 
 class AnySatEncoder(nn.Module):
@@ -58,29 +73,64 @@ class AnySatEncoder(nn.Module):
     tokens = self.project(inputs, name, scale)
     return self.spatial_encoder(tokens, scale, mods.get(name).subpatch_m)
 
-  def features(self, inputs: dict[str, jax.Array], patch_size: int,
-               dense_modality: str | None = None) -> tuple[jax.Array, jax.Array | None]:
-    """Runs the network: (tokens (B, 1 + N, E), tile first; sub-patch tokens (B, N, K, E) of
-    ``dense_modality`` or None)."""
+  def embed(self, inputs: dict[str, jax.Array], patch_size: int,
+            dense_modality: str | None = None) -> Embedding:
+    """Projectors + spatial encoder for every modality, in the dict's order."""
     scale = patch_size // 10
     names = mods.modality_keys(inputs)
     b = inputs[names[0]].shape[0]
     dim = self.config.dim
-    grids, context, sub = [], [], None
+    grids, context, sub = [], None, None
     for name in names:
       patch_tokens, sub_tokens = self.encode_patches(inputs, name, scale)
       if mods.get(name).context_token:
-        context.append(patch_tokens.reshape(b, 1, dim))
+        context = patch_tokens.reshape(b, 1, dim)
         continue
       num = patch_tokens.shape[0] // b
       grids.append(patch_tokens.reshape(b, num, dim))
       if name == dense_modality:
         sub = sub_tokens.reshape(b, num, -1, dim)
-    side = math.isqrt(grids[0].shape[1])
-    pe = jnp.asarray(sincos_grid(dim, side, scale, 1)[1:], grids[0].dtype)
-    cls = jnp.broadcast_to(self.cls_token.astype(grids[0].dtype), (b, 1, dim))
-    x = jnp.concatenate([cls, *context, *(g + pe for g in grids)], axis=1)
-    return self.combiner(x, side, scale, len(grids), bool(context)), sub
+    return Embedding(jnp.stack(grids, axis=1), context, sub)
+
+  def combine(self, grids: jax.Array, context: jax.Array | None, patch_size: int,
+              positions: jax.Array | None = None, side: int | None = None,
+              visible: jax.Array | None = None,
+              mask_token: jax.Array | None = None) -> jax.Array:
+    """Combiner over patch tokens: -> (B, 1 + K, E), tile token first.
+
+    Args:
+      grids: (B, M, K, E) patch tokens of M modalities, without positional encoding.
+      context: (B, 1, E) MODIS context token or None.
+      patch_size: metres.
+      positions: (B, K) raster indices of the K patches on the ``side`` x ``side`` grid (a
+        subset, e.g. the student's context patches), or None for the full grid (K = side**2).
+      side: patches per side; needed with ``positions``.
+      visible: optional (B, M, K) bool; hidden tokens are replaced by ``mask_token`` (E,)
+        after the positional encoding, so they carry no position (the student's modality
+        masking).
+    """
+    scale = patch_size // 10
+    b, m, k, dim = grids.shape
+    if positions is None:
+      side = math.isqrt(k)
+      pe = jnp.asarray(sincos_grid(dim, side, scale, 1)[1:], grids.dtype)[None, None]
+    else:
+      table = jnp.asarray(sincos_grid(dim, side, scale, 1)[1:], grids.dtype)
+      pe = table[positions][:, None]                                  # (B, 1, K, E)
+    tokens = grids + pe
+    if visible is not None:
+      tokens = jnp.where(visible[..., None], tokens, mask_token.astype(tokens.dtype))
+    tokens = tokens.reshape(b, m * k, dim)
+    cls = jnp.broadcast_to(self.cls_token.astype(grids.dtype), (b, 1, dim))
+    x = jnp.concatenate([cls, *([] if context is None else [context]), tokens], axis=1)
+    return self.combiner(x, side, scale, m, context is not None, positions)
+
+  def features(self, inputs: dict[str, jax.Array], patch_size: int,
+               dense_modality: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """Runs the network: (tokens (B, 1 + N, E), tile first; sub-patch tokens (B, N, K, E) of
+    ``dense_modality`` or None)."""
+    emb = self.embed(inputs, patch_size, dense_modality)
+    return self.combine(emb.grids, emb.context, patch_size), emb.sub
 
   def __call__(self, inputs: dict[str, jax.Array], patch_size: int, output: str = "tile",
                output_modality: str | None = None, *, raster_dense: bool = False) -> jax.Array:
@@ -117,8 +167,7 @@ class AnySatEncoder(nn.Module):
         px = max(1, scale // self.projectors[name].cfg.reduce_scale)
         x = {name: jnp.zeros((1, 1, m.channels, px, px)), name + "_dates": jnp.zeros((1, 1))}
       outs.append(self.encode_patches(x, name, scale)[0].sum())
-    x = jnp.zeros((1, 1 + 1, self.config.dim)) + self.cls_token
-    outs.append(self.combiner(x, 1, scale, 1, False).sum())
+    outs.append(self.combine(jnp.zeros((1, 1, 1, self.config.dim)), None, 10 * scale).sum())
     return sum(outs)
 
 

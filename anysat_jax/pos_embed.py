@@ -41,11 +41,11 @@ def temporal_denominators(dim: int, period: float) -> np.ndarray:
   return np.power(np.float32(period), 2 * (i // 2) / np.float32(dim)).astype(np.float32)
 
 
-def _distance_bucket(dist: np.ndarray) -> np.ndarray:
+def _distance_bucket(dist, xp=np):
   # Closed form of iRPE's Euclidean piecewise index for alpha 1.9, beta 3.8, gamma 15.2,
   # shifted by the 3 never-used buckets: 0 -> 3, 1 -> 4, 2..3 -> 5, >= 4 -> 6.
-  d = np.rint(dist).astype(np.int32)
-  return 3 + np.select([d == 0, d == 1, d <= 3], [0, 1, 2], 3)
+  d = xp.rint(dist).astype(xp.int32)
+  return 3 + xp.select([d == 0, d == 1, d <= 3], [0, 1, 2], 3)
 
 
 SPECIAL_BUCKET = 7
@@ -81,3 +81,23 @@ def cross_rpe_buckets(side: int, num_grids: int, num_special: int = 1) -> np.nda
   out = base[:, key_index]
   out.setflags(write=False)
   return out
+
+
+def dynamic_cross_buckets(positions, side: int, num_grids: int, num_special: int = 1):
+  """Traced version of ``cross_rpe_buckets`` for a subset of patches.
+
+  positions: int (B, K) raster indices on the ``side`` x ``side`` grid. Returns int32
+  (B, S + K, S + num_grids * K): queries are the S specials then the K patches; keys the S
+  specials then ``num_grids`` copies of the K patches.
+  """
+  import jax.numpy as jnp
+  b, k = positions.shape
+  r, c = jnp.divmod(positions, side)
+  dist = jnp.sqrt(((r[:, :, None] - r[:, None, :]) ** 2 +
+                   (c[:, :, None] - c[:, None, :]) ** 2).astype(jnp.float32))
+  grid = _distance_bucket(dist, jnp)                                   # (B, K, K)
+  out = jnp.full((b, num_special + k, num_special + k), SPECIAL_BUCKET, jnp.int32)
+  out = out.at[:, num_special:, num_special:].set(grid)
+  key_index = np.concatenate([np.arange(num_special),
+                              num_special + np.tile(np.arange(k), num_grids)])
+  return out[:, :, key_index]
