@@ -56,7 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.shard_by_process = True
   c.data.datasets = {name: default_dataset_config(name) for name in GEOPLEX}
   for d in c.data.datasets.values():
-    d.manual_dir = None
+    # Folder of the downloaded dataset; unset: build from the shipped / generated sample.
+    d.manual_dir = ml_collections.config_dict.placeholder(str)
 
   if arg == "demo":
     _demo(c)

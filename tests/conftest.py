@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
-import jax
-import pytest
+# Identical programs compiled by several tests (and their subprocesses, which inherit the
+# environment) are compiled once: the suite is dominated by XLA compile time on CPU.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      tempfile.mkdtemp(prefix="anysat-jax-test-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 TESTDATA = pathlib.Path(__file__).parent / "testdata"
 # Outputs of the official PyTorch model (see testdata/parity/README.md); a newer fixture set in
