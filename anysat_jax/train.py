@@ -158,10 +158,16 @@ def host_masks(config: ml_collections.ConfigDict, step: int, batch_size: int,
 
 
 def fingerprint(state: TrainState) -> str:
-  """Hex digest of the student and teacher parameter bytes (to compare runs exactly)."""
+  """Hex digest of the student and teacher parameter bytes (to compare runs exactly).
+
+  Multi-process: leaves sharded over several processes (FSDP) are gathered first, a collective
+  that every process must reach."""
+  from jax.experimental import multihost_utils
   h = hashlib.sha256()
   for tree in (state.params, optim.teacher_params(state.opt_state)):
     for leaf in jax.tree.leaves(tree):
+      if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        leaf = multihost_utils.process_allgather(leaf, tiled=True)
       h.update(np.asarray(jax.device_get(leaf)).tobytes())
   return h.hexdigest()[:16]
 

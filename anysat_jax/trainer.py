@@ -100,6 +100,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, stop: dict[str, bo
   step = int(jax.device_get(state.step))
   seen_buckets: set = set()
   sums: dict[str, list[float]] = {}
+  metrics = {"loss": float("nan")}   # no step to run: resumed at total_steps
   t_start = time.time()
 
   def save(step: int) -> None:
