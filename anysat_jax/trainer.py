@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from anysat_jax import modalities as mods
 from anysat_jax import sharding, train
 from anysat_jax.validation import validate_inputs
 from input_pipeline import loader, mixture, prepare
@@ -54,7 +55,7 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
 
 
 def _side(patch_size: int, dcfg: ml_collections.ConfigDict, batch: dict) -> int:
-  from anysat_jax import modalities as mods
+  """Patches per side of a batch's tile at ``patch_size`` metres."""
   name = next(m for m in dcfg.modalities if not mods.get(m).context_token)
   m = mods.get(name)
   return round(batch[name].shape[-1] * m.gsd / patch_size)
