@@ -3,6 +3,8 @@ block whose learned queries (one tile query + one per patch) read the sequence."
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,23 +25,25 @@ class SelfAttention(nn.Module):
 
   num_heads: int
   mode: str = "token"
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, length, e = x.shape
     hd = e // self.num_heads
-    qkv = nn.Dense(3 * e, name="qkv")(x).reshape(b, length, 3, self.num_heads, hd)
+    qkv = layers.dense(3 * e, self.dtype, "qkv")(x).reshape(b, length, 3, self.num_heads, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]              # (b, L, h, hd) each
     if self.mode == "token":
-      q, k, v = qkv.transpose(2, 0, 3, 1, 4)                       # (b, h, L, hd) each
-      attn = jax.nn.softmax(jnp.einsum("bhid,bhjd->bhij", q * hd ** -0.5, k), axis=-1)
-      o = jnp.einsum("bhij,bhjd->bhid", attn, v).transpose(0, 2, 1, 3)
+      o = layers.attention(q, k, v, hd ** -0.5, impl=self.attention_impl)
     elif self.mode == "head_axis":
-      q, k, v = qkv.transpose(2, 0, 1, 3, 4)                       # (b, L, h, hd) each
-      attn = jax.nn.softmax(jnp.einsum("bigd,bihd->bigh", q * hd ** -0.5, k), axis=-1)
-      o = jnp.einsum("bigh,bihd->bigd", attn, v)
+      # Swapped axes, as the reference's kernel reads them: heads are the sequence, tokens the
+      # attention heads.
+      q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))       # (b, h, L, hd)
+      o = layers.attention(q, k, v, hd ** -0.5, impl=self.attention_impl).transpose(0, 2, 1, 3)
     else:
       raise ValueError(f"combiner attention mode {self.mode!r} not in {ATTENTION_MODES}")
-    return nn.Dense(e, name="proj")(o.reshape(b, length, e))
+    return layers.dense(e, self.dtype, "proj", f32_out=True)(o.reshape(b, length, e))
 
 
 class Block(nn.Module):
@@ -48,13 +52,17 @@ class Block(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   mode: str = "token"
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + SelfAttention(self.num_heads, self.mode, name="attn")(
-        layers.layer_norm(1e-6, "norm1")(x))
+    y = layers.layer_norm(1e-6, "norm1", self.dtype)(x)
+    x = x + SelfAttention(self.num_heads, self.mode, self.dtype, self.attention_impl,
+                          name="attn")(y)
     hidden = int(x.shape[-1] * self.mlp_ratio)
-    return x + layers.Mlp(hidden, name="mlp")(layers.layer_norm(1e-6, "norm2")(x))
+    return x + layers.Mlp(hidden, self.dtype, name="mlp")(layers.layer_norm(1e-6, "norm2",
+                                                                            self.dtype)(x))
 
 
 class CrossAttention(nn.Module):
@@ -66,6 +74,8 @@ class CrossAttention(nn.Module):
   """
 
   num_heads: int
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, y: jax.Array, side: int, scale: int, num_grids: int,
@@ -75,27 +85,27 @@ class CrossAttention(nn.Module):
     b, length, e = y.shape
     hd = e // self.num_heads
     q_learned = self.param("q_learned", nn.initializers.normal(0.02), (1, 1, e))
-    table = jnp.asarray(pos_embed.sincos_grid(e, side, scale, num_special), y.dtype)
-    k = nn.Dense(e, name="wk")(y).reshape(b, length, self.num_heads, hd).transpose(0, 2, 1, 3)
-    v = nn.Dense(e, name="wv")(y).reshape(b, length, self.num_heads, hd).transpose(0, 2, 1, 3)
+    table = jnp.asarray(pos_embed.sincos_grid(e, side, scale, num_special), q_learned.dtype)
+    k = layers.dense(e, self.dtype, "wk")(y).reshape(b, length, self.num_heads, hd)
+    v = layers.dense(e, self.dtype, "wv")(y).reshape(b, length, self.num_heads, hd)
     rpe_table = self.param("rpe_table", nn.initializers.zeros, (hd, pos_embed.NUM_BUCKETS))
     if positions is None:
-      q = q_learned[0].astype(y.dtype) + table                          # (Lq, E)
-      qh = q.reshape(-1, self.num_heads, hd).transpose(1, 0, 2)       # (h, Lq, hd)
+      q = q_learned[0] + table                                          # (Lq, E)
+      qh = q.reshape(-1, self.num_heads, hd)                            # (Lq, h, hd)
       buckets = pos_embed.cross_rpe_buckets(side, num_grids, num_special)
-      rpe = jnp.take_along_axis(qh[0] @ rpe_table.astype(q.dtype), jnp.asarray(buckets), 1)
-      logits = jnp.einsum("hid,bhjd->bhij", qh, k) * hd ** -0.5 + rpe   # rpe (Lq, L)
+      rpe = jnp.take_along_axis(qh[:, 0] @ rpe_table, jnp.asarray(buckets), 1)
+      qh, rpe = jnp.broadcast_to(qh, (b, *qh.shape)), rpe[None, None]   # rpe (1, 1, Lq, L)
     else:
       rows = jnp.concatenate([jnp.broadcast_to(jnp.arange(num_special), (b, num_special)),
                               num_special + positions], axis=1)         # (B, Lq) table rows
-      q = q_learned[0].astype(y.dtype) + table[rows]                    # (B, Lq, E)
-      qh = q.reshape(b, -1, self.num_heads, hd).transpose(0, 2, 1, 3)  # (B, h, Lq, hd)
+      q = q_learned[0] + table[rows]                                    # (B, Lq, E)
+      qh = q.reshape(b, -1, self.num_heads, hd)                         # (B, Lq, h, hd)
       buckets = pos_embed.dynamic_cross_buckets(positions, side, num_grids, num_special)
-      rpe = jnp.take_along_axis(qh[:, 0] @ rpe_table.astype(q.dtype), buckets, axis=2)
-      logits = jnp.einsum("bhid,bhjd->bhij", qh, k) * hd ** -0.5 + rpe[:, None]
-    attn = jax.nn.softmax(logits, axis=-1)
-    o = jnp.einsum("bhij,bhjd->bihd", attn, v).reshape(b, -1, e)
-    return nn.Dense(e, name="proj")(o)
+      rpe = jnp.take_along_axis(qh[:, :, 0] @ rpe_table, buckets, axis=2)
+      rpe = rpe[:, None]                                                # (B, 1, Lq, L)
+    o = layers.attention(qh.astype(k.dtype), k, v, hd ** -0.5, bias=rpe,
+                         impl=self.attention_impl)
+    return layers.dense(e, self.dtype, "proj", f32_out=True)(o.reshape(b, -1, e))
 
 
 class CrossBlock(nn.Module):
@@ -103,23 +113,34 @@ class CrossBlock(nn.Module):
 
   num_heads: int
   mlp_ratio: float = 4.0
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, side: int, scale: int, num_grids: int,
                num_special: int, positions: jax.Array | None = None) -> jax.Array:
-    z = CrossAttention(self.num_heads, name="attn")(
-        layers.layer_norm(1e-6, "norm1")(x), side, scale, num_grids, num_special, positions)
+    z = CrossAttention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
+        layers.layer_norm(1e-6, "norm1", self.dtype)(x), side, scale, num_grids, num_special,
+        positions)
     hidden = int(z.shape[-1] * self.mlp_ratio)
-    return z + layers.Mlp(hidden, name="mlp")(layers.layer_norm(1e-6, "norm2")(z))
+    return z + layers.Mlp(hidden, self.dtype, name="mlp")(layers.layer_norm(1e-6, "norm2",
+                                                                            self.dtype)(z))
 
 
 class Combiner(nn.Module):
-  """``depth`` self-attention blocks then the cross block. Returns (B, 1 + N, E)."""
+  """``depth`` self-attention blocks then the cross block. Returns (B, 1 + N, E).
+
+  ``dtype``: matmul dtype (see ``layers``); ``remat``: recompute each block's activations in the
+  backward pass instead of storing them.
+  """
 
   depth: int
   num_heads: int
   mlp_ratio: float = 4.0
   mode: str = "token"
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, side: int, scale: int, num_grids: int,
@@ -127,10 +148,15 @@ class Combiner(nn.Module):
     """x: (B, 1 + [1] + num_grids * K, E) = class token, optional MODIS context token, then
     each modality's K patch tokens (the full grid, K = side**2, or the patches at
     ``positions`` (B, K)). Returns (B, 1 + K, E)."""
+    block, cross = Block, CrossBlock
+    if self.remat:
+      # The grid geometry (side, scale, num_grids, num_special) is static.
+      block, cross = nn.remat(Block), nn.remat(CrossBlock, static_argnums=(2, 3, 4, 5))
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, self.mode, name=f"block_{i}")(x)
+      x = block(self.num_heads, self.mlp_ratio, self.mode, self.dtype, self.attention_impl,
+                name=f"block_{i}")(x)
     num_special = 2 if has_context else 1
-    z = CrossBlock(self.num_heads, self.mlp_ratio, name="cross")(
+    z = cross(self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl, name="cross")(
         x, side, scale, num_grids, num_special, positions)
     if has_context:
       z = jnp.concatenate([z[:, :1], z[:, 2:]], axis=1)   # drop the MODIS query's output

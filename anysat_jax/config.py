@@ -11,7 +11,10 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
+
 from anysat_jax import modalities as mods
+from anysat_jax.layers import ATTENTION_IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +39,16 @@ class ProjectorConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
-  """The whole encoder. Widths are channels; depths are blocks."""
+  """The whole encoder. Widths are channels; depths are blocks.
+
+  dtype: compute dtype name (``float32`` or ``bfloat16``) of the transformers' and VHR
+    projectors' matmuls (see ``layers``); parameters, the residual stream, norms, softmaxes, the
+    L-TAE projectors and the outputs stay float32.
+  attention_impl: ``xla`` (explicit einsums) or ``dot_product_attention``
+    (``jax.nn.dot_product_attention``, cuDNN's fused kernel on NVIDIA GPUs in bf16); see
+    ``layers.attention``.
+  remat: recompute each transformer block's activations in the backward pass (less memory).
+  """
 
   dim: int
   depth: int
@@ -46,6 +58,9 @@ class EncoderConfig:
   mlp_ratio: float = 4.0
   combiner_attention: str = "token"
   projectors: tuple[tuple[str, ProjectorConfig], ...] = ()
+  dtype: str = "float32"
+  attention_impl: str = "xla"
+  remat: bool = False
 
   def projector(self, modality: str) -> ProjectorConfig:
     for name, cfg in self.projectors:
@@ -88,7 +103,8 @@ def encoder_config(size: str = "base", *, modalities: tuple[str, ...] | None = N
                    **overrides: Any) -> EncoderConfig:
   """Builds a config from a preset (``tiny``, ``small``, ``base``) and overrides.
 
-  Overrides: any ``EncoderConfig`` field (``dim``, ``depth``, ``combiner_attention`` …), or the
+  Overrides: any ``EncoderConfig`` field (``dim``, ``depth``, ``combiner_attention``, ``dtype``
+  (a name or a numpy / jax dtype, stored as its name) …), or the
   hub's dotted names (``embed_dim``, ``spatial_encoder.depth``, ``projectors.<mod>.<field>``
   with field ``mlp_in``, ``mlp``, ``reduce_scale``, ``T``, ``in_norm``, ``n_head``, ``d_k``,
   ``embed_dim``). ``modalities`` limits which projectors are built (default: all 11).
@@ -128,7 +144,23 @@ def _parse(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[st
   if fields.get("combiner_attention", "token") not in ("token", "head_axis"):
     raise ValueError(f"combiner_attention must be 'token' or 'head_axis', "
                      f"got {fields['combiner_attention']!r}")
+  if fields.get("attention_impl", "xla") not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
+                     f"got {fields['attention_impl']!r}")
+  if "dtype" in fields:
+    fields["dtype"] = _dtype_name(fields["dtype"])
   return fields, per_modality
+
+
+def _dtype_name(dtype: Any) -> str:
+  """Canonical name of a floating compute dtype (``jnp.bfloat16`` -> ``bfloat16``)."""
+  try:
+    name = jnp.dtype(dtype).name
+  except TypeError:
+    raise ValueError(f"unknown dtype {dtype!r}") from None
+  if not jnp.issubdtype(name, jnp.floating):
+    raise ValueError(f"compute dtype must be floating, got {name!r}")
+  return name
 
 
 def _apply(config: EncoderConfig, fields: dict[str, Any],

@@ -42,20 +42,24 @@ class Embedding(NamedTuple):
 
 
 class AnySatEncoder(nn.Module):
-  """Pure-functional (linen) AnySat encoder. See ``__call__`` for the outputs."""
+  """Pure-functional (linen) AnySat encoder. See ``__call__`` for the outputs (float32 whatever
+  the config's matmul ``dtype``)."""
 
   config: EncoderConfig
 
   def setup(self):
     cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
     self.projectors = {
-        name: (VHRProjector if mods.get(name).projector == "vhr" else LTAEProjector)(
-            mods.get(name), pcfg, name=mods.get(name).param_name)
+        name: VHRProjector(mods.get(name), pcfg, dtype, name=mods.get(name).param_name)
+        if mods.get(name).projector == "vhr"
+        else LTAEProjector(mods.get(name), pcfg, name=mods.get(name).param_name)
         for name, pcfg in cfg.projectors}
     self.spatial_encoder = SpatialEncoder(cfg.spatial_depth, cfg.spatial_heads, cfg.mlp_ratio,
+                                          dtype, cfg.attention_impl, cfg.remat,
                                           name="spatial_encoder")
     self.combiner = Combiner(cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.combiner_attention,
-                             name="combiner")
+                             dtype, cfg.attention_impl, cfg.remat, name="combiner")
     self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.dim))
 
   def project(self, inputs: dict[str, jax.Array], name: str, scale: int) -> jax.Array:

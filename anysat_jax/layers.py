@@ -1,28 +1,55 @@
-"""Small building blocks shared by the projectors, the spatial encoder and the combiner."""
+"""Small building blocks shared by the projectors, the spatial encoder, the combiner and the
+predictor.
+
+Mixed precision (``dtype`` bfloat16): parameters stay float32. A value is rounded to ``dtype``
+only where it is about to be a matmul operand anyway (LayerNorm outputs, q / k / v, attention
+weights, the MLP's hidden layer); the residual stream, the outputs of the layers that feed it
+(``f32_out``), normalisation statistics, attention logits and softmaxes stay float32.
+"""
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# "xla": explicit einsums (fastest on CPU); "dot_product_attention": jax.nn.dot_product_attention,
+# which runs cuDNN's fused kernel on NVIDIA GPUs where it applies (see ``attention``).
+ATTENTION_IMPLS = ("xla", "dot_product_attention")
 
-def layer_norm(eps: float, name: str | None = None) -> nn.LayerNorm:
-  """LayerNorm with an explicit eps and the two-pass variance of the reference."""
-  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
+# dot_general with a float32 result whatever the operands (the accumulation is float32 anyway).
+_F32_DOT = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+
+
+def dense(features: int, dtype: Any, name: str, *, f32_out: bool = False,
+          **kwargs: Any) -> nn.Dense:
+  """``nn.Dense`` with float32 parameters and ``dtype`` operands; the result is in ``dtype``, or
+  float32 with ``f32_out`` (for a layer that feeds the residual stream or a norm)."""
+  return nn.Dense(features, dtype=dtype, dot_general=_F32_DOT if f32_out else None, name=name,
+                  **kwargs)
+
+
+def layer_norm(eps: float, name: str | None = None, dtype: Any = jnp.float32) -> nn.LayerNorm:
+  """LayerNorm with an explicit eps and the two-pass variance of the reference; statistics in
+  float32, output in ``dtype``."""
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
 
 
 class Mlp(nn.Module):
-  """Transformer MLP: Linear(E -> hidden), exact GELU, Linear(hidden -> E)."""
+  """Transformer MLP: Linear(E -> hidden), exact GELU, Linear(hidden -> E) (float32 out)."""
 
   hidden: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     dim = x.shape[-1]
-    x = nn.Dense(self.hidden, name="fc1")(x)
+    x = dense(self.hidden, self.dtype, "fc1")(x)
     x = jax.nn.gelu(x, approximate=False)
-    return nn.Dense(dim, name="fc2")(x)
+    return dense(dim, self.dtype, "fc2", f32_out=True)(x)
 
 
 class GroupNorm(nn.Module):
@@ -60,3 +87,48 @@ def _masked_mean(x: jax.Array, axes: tuple[int, ...], w: jax.Array | None) -> ja
   total = jnp.sum(x * w, axis=axes, keepdims=True)
   return total / jnp.maximum(jnp.sum(w, axis=axes, keepdims=True), 1.0)
 
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
+              bias: jax.Array | None = None, mask: jax.Array | None = None,
+              impl: str = "xla") -> jax.Array:
+  """Multi-head attention ``softmax(scale q k^T + bias) v``; logits and softmax in float32,
+  the two matmuls in the operands' dtype.
+
+  Args:
+    q: (B, T, N, H) queries; k, v: (B, S, N, H) keys and values (N heads of width H), one dtype.
+    scale: logit scale.
+    bias: additive logit bias broadcastable to (B, N, T, S), or None.
+    mask: bool, broadcastable to (B, N, T, S); False entries get no weight. None: all attend.
+    impl: one of ``ATTENTION_IMPLS``.
+  Returns:
+    (B, T, N, H) in the dtype of ``v``.
+  """
+  if impl == "dot_product_attention":
+    implementation = _cudnn_or_none(q, k, bias, mask)
+    if implementation == "cudnn" and bias is not None:
+      bias = bias.astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                        implementation=implementation)
+  if impl != "xla":
+    raise ValueError(f"attention impl {impl!r} not in {ATTENTION_IMPLS}")
+  # Head-major: XLA's batched matmuls are fastest with the batch axes leading.
+  q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+  logits = jnp.einsum("bhid,bhjd->bhij", q, k, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhij,bhjd->bihd", attn, v)
+
+
+def _cudnn_or_none(q: jax.Array, k: jax.Array, bias: jax.Array | None,
+                   mask: jax.Array | None) -> str | None:
+  """``"cudnn"`` where cuDNN's fused attention takes the call (NVIDIA GPU, bf16/fp16, head
+  width a multiple of 8 up to 128, even lengths when there is a bias or mask, as its backward
+  pass needs), else None: JAX's XLA implementation (jax 0.10 never picks cuDNN by itself)."""
+  width, t, s = q.shape[-1], q.shape[1], k.shape[1]
+  ok = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+        and width % 8 == 0 and width <= 128
+        and (bias is None and mask is None or t % 2 == 0 and s % 2 == 0))
+  return "cudnn" if ok else None

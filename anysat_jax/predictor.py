@@ -9,6 +9,7 @@ and the second MLP layer are divided by sqrt(2 i).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,20 +26,21 @@ class Attention(nn.Module):
 
   num_heads: int
   proj_std: float = INIT_STD
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
     """x: (B, L, P); key_mask: bool (B, L) or None. Returns (B, L, P)."""
     b, length, p = x.shape
     hd = p // self.num_heads
-    qkv = nn.Dense(3 * p, kernel_init=_normal(INIT_STD), name="qkv")(x)
+    qkv = layers.dense(3 * p, self.dtype, "qkv", kernel_init=_normal(INIT_STD))(x)
     qkv = qkv.reshape(b, length, 3, self.num_heads, hd)
-    q, k, v = qkv[:, :, 0] * hd ** -0.5, qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bihd,bjhd->bhij", q, k)
-    if key_mask is not None:
-      logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
-    o = jnp.einsum("bhij,bjhd->bihd", jax.nn.softmax(logits, axis=-1), v)
-    return nn.Dense(p, kernel_init=_normal(self.proj_std), name="proj")(o.reshape(b, length, p))
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    o = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], hd ** -0.5, mask=mask,
+                         impl=self.attention_impl)
+    return layers.dense(p, self.dtype, "proj", f32_out=True,
+                        kernel_init=_normal(self.proj_std))(o.reshape(b, length, p))
 
 
 class Mlp(nn.Module):
@@ -46,12 +48,14 @@ class Mlp(nn.Module):
 
   hidden: int
   out_std: float = INIT_STD
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = nn.Dense(self.hidden, kernel_init=_normal(INIT_STD), name="fc1")(x)
+    h = layers.dense(self.hidden, self.dtype, "fc1", kernel_init=_normal(INIT_STD))(x)
     h = jax.nn.gelu(h, approximate=False)
-    return nn.Dense(x.shape[-1], kernel_init=_normal(self.out_std), name="fc2")(h)
+    return layers.dense(x.shape[-1], self.dtype, "fc2", f32_out=True,
+                        kernel_init=_normal(self.out_std))(h)
 
 
 class Block(nn.Module):
@@ -61,14 +65,18 @@ class Block(nn.Module):
   num_heads: int
   index: int
   mlp_ratio: float = 4.0
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
     std = INIT_STD / math.sqrt(2 * self.index)
-    x = x + Attention(self.num_heads, std, name="attn")(layers.layer_norm(1e-5, "norm1")(x),
-                                                        key_mask)
+    y = layers.layer_norm(1e-5, "norm1", self.dtype)(x)
+    x = x + Attention(self.num_heads, std, self.dtype, self.attention_impl, name="attn")(
+        y, key_mask)
     hidden = int(x.shape[-1] * self.mlp_ratio)
-    return x + Mlp(hidden, std, name="mlp")(layers.layer_norm(1e-5, "norm2")(x))
+    return x + Mlp(hidden, std, self.dtype, name="mlp")(layers.layer_norm(1e-5, "norm2",
+                                                                          self.dtype)(x))
 
 
 class Predictor(nn.Module):
@@ -79,12 +87,19 @@ class Predictor(nn.Module):
     depth: number of blocks (base 4).
     num_heads: attention heads (base 16).
     mlp_ratio: MLP hidden width / P.
+    dtype: matmul dtype of the blocks (see ``layers``); the embedding, the output projection,
+      the residual stream and the output are float32.
+    attention_impl: see ``layers.attention``.
+    remat: recompute each block's activations in the backward pass.
   """
 
   dim: int = 256
   depth: int = 2
   num_heads: int = 4
   mlp_ratio: float = 4.0
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
+  remat: bool = False
 
   @nn.compact
   def __call__(self, z_ctx: jax.Array, ctx_idx: jax.Array, tgt_idx: jax.Array, side: int,
@@ -118,8 +133,10 @@ class Predictor(nn.Module):
     if tgt_valid is not None:
       key_mask = jnp.concatenate([jnp.ones((t, b, 1 + k_ctx), bool), tgt_valid.astype(bool)],
                                  axis=2).reshape(t * b, -1)
+    block = nn.remat(Block) if self.remat else Block
     for i in range(self.depth):
-      seq = Block(self.num_heads, i + 1, self.mlp_ratio, name=f"block_{i}")(seq, key_mask)
+      seq = block(self.num_heads, i + 1, self.mlp_ratio, self.dtype, self.attention_impl,
+                  name=f"block_{i}")(seq, key_mask)
     seq = layers.layer_norm(1e-5, "norm")(seq)
     out = nn.Dense(e, kernel_init=_normal(INIT_STD), name="proj_out")(seq[:, -k_tgt:])
     return out.reshape(t, b, k_tgt, e)

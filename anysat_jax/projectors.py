@@ -6,6 +6,8 @@ order (row ``b * N + pr * n + pc``), K tokens per patch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,11 +24,13 @@ class VHRProjector(nn.Module):
   A strided k x k convolution (no bias) makes one token per conv cell, then a per-token MLP
   E -> 2E -> E with LayerNorm (eps 1e-5) and ReLU. A patch of s x s 10 m cells holds
   K = (s g)^2 tokens (g conv cells per 10 m) in the reference's *blocked* order: the s x s cells
-  outermost, the g x g conv cells inside each cell innermost.
+  outermost, the g x g conv cells inside each cell innermost. ``dtype``: matmul operand dtype
+  (results in float32).
   """
 
   modality: Modality
   cfg: ProjectorConfig
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, scale: int) -> jax.Array:
@@ -38,7 +42,8 @@ class VHRProjector(nn.Module):
     hc, wc = h // k, w // k
     # Conv with stride = kernel is one matmul over non-overlapping k x k windows.
     x = x[:, :, :hc * k, :wc * k].reshape(b, c, hc, k, wc, k)
-    x = jnp.einsum("bcikjl,klcd->bijd", x, kernel.astype(x.dtype))
+    x = jnp.einsum("bcikjl,klcd->bijd", x.astype(self.dtype), kernel.astype(self.dtype),
+                   preferred_element_type=jnp.float32)
     g = m.cells_per_10m()
     n = hc // (g * scale)
     x = x[:, :n * scale * g, :n * scale * g]
@@ -46,7 +51,7 @@ class VHRProjector(nn.Module):
     # (b, pr, a, c, pc, b', d, E) -> (b, pr, pc, a, b', c, d, E): blocked token order.
     x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b * n * n, (scale * g) ** 2, dim)
     for j, width in enumerate(self.cfg.widths[1:]):
-      x = nn.Dense(width, name=f"fc_{j}")(x)
+      x = layers.dense(width, self.dtype, f"fc_{j}", f32_out=True)(x)
       x = nn.relu(layers.layer_norm(1e-5, name=f"ln_{j}")(x))
     return x
 
@@ -59,6 +64,9 @@ class LTAEProjector(nn.Module):
   16-head attention with a learned master query pooling the dates; Linear + GroupNorm(4) + ReLU;
   GroupNorm(16). The (B, E, H, W) map is cut into patches of ``max(1, s // reduce_scale)``
   pixels per side.
+
+  It computes in float32 whatever the model's ``dtype``: its GroupNorms over few channels (two
+  per group in the first layer at E = 64) amplify bfloat16 rounding beyond 1e-2.
   """
 
   modality: Modality

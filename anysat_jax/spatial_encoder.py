@@ -8,6 +8,7 @@ the contextual relative-position (iRPE) term of the reference.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,24 +25,21 @@ class RPEAttention(nn.Module):
   """
 
   num_heads: int
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x: jax.Array, buckets) -> jax.Array:
-    """x (b, L, E); buckets: static int (L, L) iRPE bucket ids."""
+  def __call__(self, x: jax.Array, buckets: jax.Array) -> jax.Array:
+    """x (b, L, E); buckets: int (L, L) iRPE bucket ids."""
     b, length, e = x.shape
     hd = e // self.num_heads
-    # Head-major (3, b, h, L, hd): XLA's batched matmuls are fastest with the batch axes leading.
-    qkv = nn.Dense(3 * e, name="qkv")(x).reshape(b, length, 3, self.num_heads, hd)
-    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
-    q = q * hd ** -0.5
+    qkv = layers.dense(3 * e, self.dtype, "qkv")(x).reshape(b, length, 3, self.num_heads, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]              # (b, L, h, hd) each
     table = self.param("rpe_table", nn.initializers.zeros, (hd, pos_embed.NUM_BUCKETS))
-    qw = q[:, 0] @ table.astype(q.dtype)                            # (b, L, 8), head 0
-    rpe = jnp.take_along_axis(qw, jnp.broadcast_to(jnp.asarray(buckets), (b, length, length)),
-                              axis=2)
-    logits = jnp.einsum("bhid,bhjd->bhij", q, k) + rpe[:, None]
-    attn = jax.nn.softmax(logits, axis=-1)
-    o = jnp.einsum("bhij,bhjd->bhid", attn, v).transpose(0, 2, 1, 3).reshape(b, length, e)
-    return nn.Dense(e, name="proj")(o)
+    qw = (q[:, :, 0].astype(jnp.float32) * hd ** -0.5) @ table      # (b, L, 8), head 0
+    rpe = jnp.take_along_axis(qw, jnp.broadcast_to(buckets, (b, length, length)), axis=2)
+    o = layers.attention(q, k, v, hd ** -0.5, bias=rpe[:, None], impl=self.attention_impl)
+    return layers.dense(e, self.dtype, "proj", f32_out=True)(o.reshape(b, length, e))
 
 
 class RPEBlock(nn.Module):
@@ -49,13 +47,16 @@ class RPEBlock(nn.Module):
 
   num_heads: int
   mlp_ratio: float = 4.0
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x: jax.Array, buckets) -> jax.Array:
-    x = x + RPEAttention(self.num_heads, name="attn")(layers.layer_norm(1e-5, "norm1")(x),
-                                                      buckets)
+  def __call__(self, x: jax.Array, buckets: jax.Array) -> jax.Array:
+    y = layers.layer_norm(1e-5, "norm1", self.dtype)(x)
+    x = x + RPEAttention(self.num_heads, self.dtype, self.attention_impl, name="attn")(y, buckets)
     hidden = int(x.shape[-1] * self.mlp_ratio)
-    return x + layers.Mlp(hidden, name="mlp")(layers.layer_norm(1e-5, "norm2")(x))
+    y = layers.layer_norm(1e-5, "norm2", self.dtype)(x)
+    return x + layers.Mlp(hidden, self.dtype, name="mlp")(y)
 
 
 def pe_grid_side(scale: int, subpatch_m: float) -> int:
@@ -65,11 +66,18 @@ def pe_grid_side(scale: int, subpatch_m: float) -> int:
 
 
 class SpatialEncoder(nn.Module):
-  """Encodes each patch's K sub-patch tokens into one patch token."""
+  """Encodes each patch's K sub-patch tokens into one patch token.
+
+  ``dtype``: matmul dtype (see ``layers``); ``remat``: recompute each block's activations in the
+  backward pass instead of storing them.
+  """
 
   depth: int
   num_heads: int
   mlp_ratio: float = 4.0
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
+  remat: bool = False
 
   @nn.compact
   def __call__(self, tokens: jax.Array, scale: int,
@@ -86,8 +94,10 @@ class SpatialEncoder(nn.Module):
     cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, e))
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(tokens.dtype), (bn, 1, e)), tokens], 1)
     x = x + jnp.asarray(pos_embed.sincos_grid(e, side, subpatch_m, 1), x.dtype)
-    buckets = pos_embed.rpe_buckets(math.isqrt(1 + k), 1)
+    buckets = jnp.asarray(pos_embed.rpe_buckets(math.isqrt(1 + k), 1))
+    block = nn.remat(RPEBlock) if self.remat else RPEBlock
     for i in range(self.depth):
-      x = RPEBlock(self.num_heads, self.mlp_ratio, name=f"block_{i}")(x, buckets)
+      x = block(self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
+                name=f"block_{i}")(x, buckets)
     x = layers.layer_norm(1e-5, "norm")(x)
     return x[:, 0], x[:, 1:]

@@ -1,0 +1,482 @@
+"""The pretraining loop: ``python -m anysat_jax.main`` end to end, and ``train.train_step``.
+
+Subprocess runs (helpers in ``trainer_testlib``) use a trimmed demo config (PLANTED s2 + s1,
+8 steps; see ``trainer_testlib.trimmed_config``) on the shipped samples, prepared once per
+module; they start together at the module's first test and run in background threads while
+the in-process tests run. Checked: a (data=2, fsdp=4) mesh over 8 CPU devices and 2 processes
+(gloo collectives, FSDP across them) against a single-device run; one compile per (dataset,
+patch size) bucket; kill -9 / SIGTERM and resume against an uninterrupted run, and a rerun of
+a finished run; non-finite losses. In process: one step leaves the projectors of absent
+modalities untouched, the EMA teacher follows its schedule, and ``skip`` skips a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import re
+import signal
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import trainer_testlib as tl
+
+from anysat_jax import modalities as mods
+from anysat_jax import optim, train, trainer
+from input_pipeline import loader, mixture, prepare
+
+TIMEOUT = 900  # seconds of wall time per run: generous, the machine may be shared
+REL = 1e-5     # rel-L2 / relative tolerance between runs whose reductions may be reordered
+
+
+@dataclasses.dataclass
+class Env:
+  root: pathlib.Path
+  data_dir: pathlib.Path
+  config_file: pathlib.Path
+  cache_dir: pathlib.Path
+  logs: pathlib.Path
+
+  def config(self, variant: str = "base"):
+    return tl.trimmed_config(variant, str(self.data_dir))
+
+  def workdir(self, name: str) -> pathlib.Path:
+    return self.root / "runs" / name
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> Env:
+  root = tmp_path_factory.mktemp("trainer")
+  data_dir = root / "data"
+  # Prepared once here, so that concurrent subprocesses find them built.
+  for name, modalities in (("planted", ("s2", "s1")), ("treesatai_ts", ("s2", "s1-asc"))):
+    prepare.ensure_prepared(name, str(data_dir), modalities=modalities)
+  return Env(root, data_dir, tl.write_config_file(root, data_dir), root / "xla_cache",
+             root / "logs")
+
+
+def _start(env: Env, name: str, overrides: dict | None = None, mode: tuple[str, ...] = (),
+           devices: int | None = None, config: str = "", log: str = "") -> tl.Proc:
+  cfg = f"{env.config_file}:{config}" if config else env.config_file
+  args = tl.main_args(cfg, env.workdir(name), overrides, mode)
+  return tl.Proc(args, tl.subprocess_env(env.cache_dir, devices), env.logs, log or name)
+
+
+def _ok(run: tl.Run) -> tl.Run:
+  assert run.returncode == 0, run.describe()
+  return run
+
+
+# --- The subprocess runs, started together in background threads (see ``runs``) ----------
+
+
+def _reference(env: Env, runs: tl.Scenarios) -> tl.Run:
+  """The uninterrupted single-device run the others are compared with."""
+  return _start(env, "reference").wait(TIMEOUT)
+
+
+SHARDED = {"mesh.data": 2, "mesh.fsdp": 4, "mesh.fsdp_min_size": 1024}
+
+
+def _sharded(env: Env, runs: tl.Scenarios) -> tl.Run:
+  return _start(env, "sharded", SHARDED, mode=("sharded",), devices=8).wait(TIMEOUT)
+
+
+def _two_processes(env: Env, runs: tl.Scenarios) -> list[tl.Run]:
+  port = tl.free_port()
+  procs = []
+  for i in range(2):
+    overrides = {"distributed.coordinator_address": f"127.0.0.1:{port}",
+                 "distributed.num_processes": 2, "distributed.process_id": i,
+                 "distributed.cpu_collectives": "gloo", "data.shard_by_process": False,
+                 # FSDP across the processes too: each holds half of the large leaves.
+                 "mesh.data": 1, "mesh.fsdp": 2, "mesh.fsdp_min_size": 1024}
+    # One workdir for both: orbax writes one checkpoint from all processes.
+    procs.append(_start(env, "two_processes", overrides, log=f"two_processes_{i}"))
+  return [p.wait(TIMEOUT) for p in procs]
+
+
+def _covering_seed(config, times: int = 2) -> tuple[int, list[tuple[str, int]]]:
+  """The first seed whose mixture draws every (dataset, patch size) ``times`` times in
+  ``config.total_steps`` steps, and its draws."""
+  d = config.data.datasets
+  weights = {n: float(d[n].weight) for n in d}
+  sizes = {n: tuple(d[n].patch_sizes) for n in d}
+  pairs = {(n, p) for n in d for p in sizes[n]}
+  for seed in range(10_000):
+    picks = [mixture.choose(seed, s, weights, sizes) for s in range(config.total_steps)]
+    counts = Counter(picks)
+    if set(counts) == pairs and min(counts.values()) >= times:
+      return seed, picks
+  raise AssertionError("no seed draws every bucket twice")
+
+
+def _compiles(env: Env, runs: tl.Scenarios) -> tuple[int, list, tl.Run]:
+  seed, picks = _covering_seed(env.config("compiles"))
+  runs.result("reference")          # the init and PLANTED 30 m programs are in the cache now
+  return seed, picks, _start(env, "compiles", config=f"compiles-{seed}").wait(TIMEOUT)
+
+
+def _killed(env: Env, runs: tl.Scenarios) -> tuple[tl.Run, tl.Run]:
+  runs.result("reference")          # its compiled programs are in the cache now
+  workdir = env.workdir("killed")
+  proc = _start(env, "killed")
+  tl.wait_until(lambda: 4 in tl.checkpoint_steps(workdir), proc, TIMEOUT,
+                "the checkpoint of step 4")
+  proc.signal(signal.SIGKILL)
+  killed = proc.wait(60)
+  return killed, _start(env, "killed", log="killed_resumed").wait(TIMEOUT)
+
+
+def _sigterm(env: Env, runs: tl.Scenarios) -> tuple[tl.Run, list[int], tl.Run]:
+  runs.result("reference")
+  proc = _start(env, "sigterm")
+  # The handler is installed before the trainer logs its mesh: it stops after step 1.
+  tl.wait_until(lambda: "mesh {" in proc.stderr_text(), proc, TIMEOUT, "the trainer start")
+  proc.signal(signal.SIGTERM)
+  stopped = proc.wait(TIMEOUT)
+  saved = tl.checkpoint_steps(env.workdir("sigterm"))
+  return stopped, saved, _start(env, "sigterm", log="sigterm_resumed").wait(TIMEOUT)
+
+
+def _nonfinite(env: Env, runs: tl.Scenarios) -> tl.Run:
+  runs.result("reference")
+  return _start(env, "nonfinite", mode=("blowup", "5")).wait(TIMEOUT)   # inf loss at step 5
+
+
+def _rerun(env: Env, runs: tl.Scenarios) -> tl.Run:
+  runs.result("reference")
+  return _start(env, "reference", log="rerun").wait(TIMEOUT)
+
+
+# In start order; the runs each test needs.
+SCENARIOS = {"reference": _reference, "sharded": _sharded, "two_processes": _two_processes,
+             "compiles": _compiles, "killed": _killed, "sigterm": _sigterm,
+             "nonfinite": _nonfinite, "rerun": _rerun}
+NEEDS = {
+    "test_sharded_equals_single_device": ("reference", "sharded"),
+    "test_two_processes_equal_one_process": ("reference", "two_processes"),
+    "test_one_compile_per_bucket": ("reference", "compiles"),
+    "test_kill_and_resume_equals_uninterrupted": ("reference", "killed"),
+    "test_rerun_of_a_finished_run": ("reference", "rerun"),
+    "test_sigterm_saves_and_exits_cleanly": ("reference", "sigterm"),
+    "test_nonfinite_loss_stops_and_keeps_last_checkpoint": ("reference", "nonfinite"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runs(request, env):
+  """Starts, at the module's first test, every subprocess run its selected tests need."""
+  selected = {item.name for item in request.session.items
+              if getattr(item, "module", None) is request.module}
+  needed = {run for name in selected for run in NEEDS.get(name, ())}
+  scenarios = tl.Scenarios(len(needed))
+  for name, fn in SCENARIOS.items():
+    if name in needed:
+      scenarios.submit(name, fn, env, scenarios)
+  yield scenarios
+  scenarios.close()
+  if tl.Proc.finished:
+    print("\ntrainer runs (wall s / CPU s): " + ", ".join(
+        f"{name} {wall:.0f}/{cpu:.0f}" for name, wall, cpu in tl.Proc.finished))
+
+
+@pytest.fixture(scope="module")
+def reference(runs) -> tl.Run:
+  return _ok(runs.result("reference"))
+
+
+def _losses(run: tl.Run) -> dict[int, float]:
+  return {s: v["loss"] for s, v in tl.logged_scalars(run.stderr).items() if "loss" in v}
+
+
+def _assert_same_losses(run: tl.Run, reference: tl.Run, steps: int = 8) -> None:
+  got, want = _losses(run), _losses(reference)
+  assert sorted(want) == list(range(1, steps + 1)), want
+  assert sorted(got) == sorted(want), got
+  for s in want:
+    assert got[s] == pytest.approx(want[s], rel=REL), (s, got, want)
+
+
+def _assert_close_states(a, b) -> None:
+  """Student and teacher parameters within ``REL`` (rel-L2), same step."""
+  assert int(a.step) == int(b.step)
+  for tree in (lambda s: s.params, lambda s: optim.teacher_params(s.opt_state)):
+    assert tl.rel_l2(tree(a), tree(b)) < REL
+
+
+# --- 7, 8. in process: unused projectors, EMA teacher, skipped non-finite steps -----------
+
+TOTAL, EMA_START = 10, 0.9
+
+
+@pytest.fixture(scope="module")
+def steps(env):
+  """Three ``train_step``s on PLANTED batches (s2 + s1) of a model with all 11 projectors,
+  from a state whose teacher, AdamW moments and counts were perturbed (so that "unchanged"
+  and "follows the EMA" are not trivially true), then a step whose loss is inf."""
+  config = env.config()
+  config.model.overrides = {k: v for k, v in config.model.overrides.items()
+                            if k != "modalities"}
+  config.total_steps = TOTAL
+  config.ema.start, config.ema.end = EMA_START, 1.0
+  config.nonfinite = "skip"
+  data = trainer.build_data(config)
+  optimize = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)   # faster compiles
+  try:
+    return _run_steps(config, data, np.random.default_rng(0))
+  finally:
+    jax.config.update("jax_disable_most_optimizations", optimize)
+
+
+def _run_steps(config, data, rng):
+  def noise(x, positive=False):
+    n = rng.normal(size=x.shape).astype(x.dtype) * 0.1
+    return jnp.asarray(np.abs(n) if positive else np.asarray(x) + n)
+
+  s0 = jax.jit(functools.partial(train.init_state, config))()
+  adam, ema = s0.opt_state
+  adam = adam._replace(count=jax.tree.map(lambda c: c + 3, adam.count),
+                       mu=jax.tree.map(noise, adam.mu),
+                       nu=jax.tree.map(functools.partial(noise, positive=True), adam.nu))
+  ema = ema._replace(teacher=jax.tree.map(noise, ema.teacher))
+  s0 = s0.replace(opt_state=(adam, ema))
+  step_fn = jax.jit(functools.partial(train.train_step, config=config, patch_size=30))
+  state, states, batches, metrics = s0, [tl.host(s0)], [], []
+  for i in range(4):
+    name, patch, batch = next(data)
+    assert (name, patch) == ("planted", 30)
+    batch = loader.model_inputs(batch)
+    side = trainer._side(patch, config.data.datasets[name], batch)
+    masks = train.host_masks(config, i, len(batch["s2"]), side)
+    if i == 3:   # finite parameters, an inf loss: the step is skipped
+      state = state.replace(params=tl.blow_up(state.params))
+    state, m = step_fn(state, batch, masks)
+    states.append(tl.host(state))
+    batches.append(batch)
+    metrics.append(tl.host(m))
+  return config, states, batches, metrics
+
+
+def _by_path(tree) -> dict[str, np.ndarray]:
+  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_unused_projectors_untouched(steps):
+  """Projectors of modalities absent from the batch: parameters, AdamW moments and per-leaf
+  counts bitwise unchanged; used leaves all updated; the teacher follows every encoder leaf,
+  used or not: t <- m t + (1 - m) p."""
+  _, states, batches, metrics = steps
+  before, after, batch = states[0], states[1], batches[0]
+  assert bool(metrics[0]["finite"])
+  present = set(mods.modality_keys(batch))
+  assert present == {"s2", "s1"}
+  unused_projectors = {mods.get(m).param_name for m in mods.MODALITIES if m not in present}
+  for m in ("aerial", "spot", "naip", "s1-asc", "l8", "aerial-flair"):
+    assert mods.get(m).param_name in unused_projectors
+  used = _by_path(train.used_tree(before.params, tuple(batch)))
+  p0, p1 = _by_path(before.params), _by_path(after.params)
+  (a0, e0), (a1, e1) = before.opt_state, after.opt_state
+  mu0, mu1, nu0, nu1 = (_by_path(x) for x in (a0.mu, a1.mu, a0.nu, a1.nu))
+  c0, c1 = _by_path(a0.count), _by_path(a1.count)
+  t0, t1 = _by_path(e0.teacher), _by_path(e1.teacher)
+  m = np.float32(optim.ema_momentum_schedule(TOTAL, EMA_START, 1.0)(0))
+  seen = set()
+  for k in p0:
+    parts = k.split("/")
+    unused = parts[0] == "encoder" and parts[1] in unused_projectors
+    assert used[k] == (not unused), k
+    if unused:
+      seen.add(parts[1])
+      for x0, x1 in ((p0, p1), (mu0, mu1), (nu0, nu1), (c0, c1)):
+        np.testing.assert_array_equal(x1[k], x0[k], err_msg=k)
+    else:
+      assert int(c1[k]) == int(c0[k]) + 1, k
+      assert not np.array_equal(p1[k], p0[k]), k
+      assert not np.array_equal(mu1[k], mu0[k]), k
+    if parts[0] == "encoder":
+      tk = k[len("encoder/"):]
+      want = m * t0[tk] + (1 - m) * p0[k]
+      np.testing.assert_allclose(t1[tk], want, rtol=1e-6, atol=1e-7, err_msg=k)
+      assert not np.array_equal(t1[tk], t0[tk]), k
+  assert seen == unused_projectors
+
+
+def test_ema_schedule_and_teacher_recursion(steps):
+  sched = optim.ema_momentum_schedule(1000, 0.996, 1.0)
+  assert float(sched(0)) == pytest.approx(0.996, abs=1e-7)
+  assert float(sched(500)) == pytest.approx(0.998, abs=1e-7)
+  assert float(sched(1000)) == pytest.approx(1.0, abs=1e-7)
+  assert float(sched(2000)) == pytest.approx(1.0, abs=1e-7)
+  _, states, _, _ = steps
+  # The teacher after k = 3 steps against t_{i+1} = m_i t_i + (1 - m_i) p_i in float64, with
+  # m_i = start + i (1 - start) / total and p_i the student before step i (a used leaf and an
+  # unused one).
+  for leaf in ("projector_s2/in_fc_0/kernel", "projector_aerial/fc_0/kernel"):
+    t = np.asarray(_by_path(optim.teacher_params(states[0].opt_state))[leaf], np.float64)
+    for i in range(3):
+      mi = EMA_START + i * (1.0 - EMA_START) / TOTAL
+      p = np.asarray(_by_path(states[i].params["encoder"])[leaf], np.float64)
+      t = mi * t + (1 - mi) * p
+    got = _by_path(optim.teacher_params(states[3].opt_state))[leaf]
+    np.testing.assert_allclose(got, t, rtol=1e-5, atol=1e-7, err_msg=leaf)
+  assert int(states[3].opt_state[1].count) == 3
+
+
+def test_nonfinite_step_skipped(steps):
+  """``nonfinite="skip"``: a step with an inf loss leaves params and optimiser state as they
+  were (the parameters it saw), and only counts the step."""
+  _, states, _, metrics = steps
+  assert not bool(metrics[3]["finite"]) and not np.isfinite(metrics[3]["loss"])
+  before, after = tl.host(states[3].replace(params=tl.blow_up(states[3].params))), states[4]
+  assert int(after.step) == int(before.step) + 1
+  for x, y in zip(jax.tree.leaves((after.params, after.opt_state)),
+                  jax.tree.leaves((before.params, before.opt_state)), strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(after.params))
+
+
+# --- 1. sharded == single device ----------------------------------------------------------
+
+
+def test_sharded_equals_single_device(env, runs, reference):
+  """(data=2, fsdp=4) over 8 CPU devices, FSDP on every leaf of >= 1024 elements, against
+  the single-device run: losses of all 8 steps and the final parameters within 1e-5."""
+  run = _ok(runs.result("sharded"))
+  # The batch: one distinct row per device, over all 8 devices.
+  line = next(x for x in run.stdout.splitlines() if x.startswith("batch-sharding "))
+  info = json.loads(line.split(" ", 1)[1])
+  assert info["mesh"] == {"data": 2, "fsdp": 4} and info["devices"] == 8
+  assert sorted(d for d, _, _ in info["rows"]) == list(range(8))
+  assert sorted((start, stop) for _, start, stop in info["rows"]) == [(i, i + 1)
+                                                                      for i in range(8)]
+  assert "mesh {'data': 2, 'fsdp': 4} over 8 devices" in run.stderr
+  # The saved train state really was sharded: the large leaves split over "fsdp".
+  specs = tl.saved_partition_specs(env.workdir("sharded"), 8)
+  split = {k for k, spec in specs.items() if "fsdp" in spec}
+  assert "params.encoder.combiner.block_0.mlp.fc1.kernel" in split
+  assert "params.predictor.proj_out.bias" not in split and len(split) < len(specs)
+  _assert_same_losses(run, reference)
+  config = env.config()
+  a, _ = tl.restore(env.workdir("sharded"), config)
+  b, _ = tl.restore(env.workdir("reference"), config)
+  _assert_close_states(a, b)
+  print(f"sharded vs single device: params rel-L2 {tl.rel_l2(a.params, b.params):.2g}")
+
+
+# --- 2. two processes == one process ------------------------------------------------------
+
+
+def test_two_processes_equal_one_process(env, runs, reference):
+  """2 processes x 1 CPU device (gloo collectives, each reading the global batch and keeping
+  its rows; the batch and the large leaves split over the 2 processes) against 1 process: the
+  same losses and final parameters within 1e-5. (The fingerprints differ: the gradient sums
+  are reduced in another order.)"""
+  two = runs.result("two_processes")
+  for r in two:
+    _ok(r)
+    assert "mesh {'data': 1, 'fsdp': 2} over 2 devices, 2 processes" in r.stderr
+  specs = tl.saved_partition_specs(env.workdir("two_processes"), 8)
+  assert "fsdp" in specs["params.encoder.combiner.block_0.mlp.fc1.kernel"]
+  finals = [tl.final(r.stdout) for r in two]
+  assert finals[0] == finals[1]
+  step, loss, fingerprint = finals[0]
+  ref_step, ref_loss, ref_fingerprint = tl.final(reference.stdout)
+  assert step == ref_step == 8
+  assert loss == pytest.approx(ref_loss, rel=REL)
+  _assert_same_losses(two[0], reference)
+  config = env.config()
+  a, _ = tl.restore(env.workdir("two_processes"), config)
+  b, _ = tl.restore(env.workdir("reference"), config)
+  _assert_close_states(a, b)
+  print(f"2 processes: fingerprint {fingerprint}, 1 process: {ref_fingerprint}; params rel-L2 "
+        f"{tl.rel_l2(a.params, b.params):.2g}")
+
+
+# --- 3. one compile per bucket ------------------------------------------------------------
+
+
+def test_one_compile_per_bucket(env, runs):
+  """2 datasets x 2 patch sizes, each drawn twice in 8 steps: 4 compiles for 4 buckets."""
+  seed, picks, run = runs.result("compiles")
+  assert env.config(f"compiles-{seed}").data.seed == seed and env.config().seed == 32
+  pairs = {(n, p) for n, sizes in tl.COMPILE_PATCHES.items() for p in sizes}
+  assert len(pairs) == 4 and set(picks) == pairs and min(Counter(picks).values()) >= 2
+  _ok(run)
+  assert tl.compiles(run.stdout) == (len(pairs), len(pairs))
+  # The per-dataset losses logged at every step show the datasets the mixture drew.
+  logged = tl.logged_scalars(run.stderr)
+  for step, (name, _) in enumerate(picks, start=1):
+    assert [k for k in logged[step] if k.startswith("loss/")] == [f"loss/{name}"], step
+
+
+# --- 4. kill -9 and resume == uninterrupted -----------------------------------------------
+
+
+def test_kill_and_resume_equals_uninterrupted(runs, reference):
+  killed, resumed = runs.result("killed")
+  assert killed.returncode == -signal.SIGKILL, killed.describe()
+  assert "final:" not in killed.stdout
+  _ok(resumed)
+  found = re.findall(r"^resumed from checkpoint at step (\d+)$", resumed.stdout, re.M)
+  assert found and int(found[0]) in (4, 8), resumed.stdout   # 8: killed before it exited
+  step, loss, fingerprint = tl.final(resumed.stdout)
+  ref_step, ref_loss, ref_fingerprint = tl.final(reference.stdout)
+  assert (step, fingerprint) == (ref_step, ref_fingerprint)
+  assert loss == ref_loss or int(found[0]) == 8
+
+
+def test_rerun_of_a_finished_run(runs, reference):
+  """Starting again a run whose last checkpoint is at ``total_steps`` changes nothing."""
+  run = _ok(runs.result("rerun"))
+  assert "resumed from checkpoint at step 8" in run.stdout
+  assert tl.compiles(run.stdout) == (0, 0)
+  step, loss, fingerprint = tl.final(run.stdout)
+  assert (step, fingerprint) == (8, tl.final(reference.stdout)[2])
+  assert np.isnan(loss)          # no step ran
+
+
+# --- 5. SIGTERM: save and exit cleanly ----------------------------------------------------
+
+
+def test_sigterm_saves_and_exits_cleanly(env, runs, reference):
+  stopped, saved, resumed = runs.result("sigterm")
+  _ok(stopped)
+  assert "stopped by signal at step 1; checkpoint saved" in stopped.stdout
+  assert "final:" not in stopped.stdout
+  assert saved == [1]
+  state, data = tl.restore(env.workdir("sigterm"), env.config(), 1)
+  assert int(state.step) == 1 and data["step"] == 1
+  # Resuming from step 1 ends where the uninterrupted run does.
+  _ok(resumed)
+  assert "resumed from checkpoint at step 1" in resumed.stdout
+  assert tl.final(resumed.stdout) == tl.final(reference.stdout)
+
+
+# --- 6. non-finite losses -----------------------------------------------------------------
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(env, runs, reference):
+  """``nonfinite="stop"``: an inf loss at step 5 stops the run with an error naming the step;
+  the checkpoint of step 4 is intact. (``skip``: ``test_nonfinite_step_skipped``.)"""
+  run = runs.result("nonfinite")
+  assert run.returncode != 0, run.describe()
+  assert "NonFiniteLossError: non-finite loss at step 5 (planted, patch 30 m)" in run.stderr
+  assert "last good checkpoint: step 4" in run.stderr
+  assert "final:" not in run.stdout
+  assert tl.checkpoint_steps(env.workdir("nonfinite")) == [4]
+  config = env.config()
+  state, data = tl.restore(env.workdir("nonfinite"), config, 4)
+  assert int(state.step) == 4 and data["step"] == 4
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+  # It is the uninterrupted run's checkpoint of step 4, bit for bit.
+  want, _ = tl.restore(env.workdir("reference"), config, 4)
+  for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(x, y)
