@@ -12,6 +12,12 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       tempfile.mkdtemp(prefix="anysat-jax-test-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# LLVM's optimisation of the generated CPU code is most of the compile time of these small
+# programs, and more than the tests win back at run time; XLA's graph-level passes (fusion,
+# layout) still run, so the numerics are those of a normal build.
+BACKEND_O0 = "--xla_backend_optimization_level=0"
+if BACKEND_O0 not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {BACKEND_O0}".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -128,8 +128,9 @@ def subprocess_env(cache_dir: pathlib.Path | None, devices: int | None = None) -
                  os.pathsep),
              # Faster XLA compiles; every compared run uses the same setting.
              JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"     # as tests/conftest.py
   if devices is not None:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
   if cache_dir is not None:
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
