@@ -66,6 +66,7 @@ from anysat_jax import losses_downstream as ld
 from anysat_jax import modalities as mods
 from anysat_jax.config import EncoderConfig, encoder_config, override
 from anysat_jax.encoder import AnySatEncoder
+from anysat_jax.run_config import add_run_settings
 from anysat_jax.trainer import NonFiniteLossError, checkpoint_manager
 from anysat_jax.validation import validate_inputs
 from input_pipeline import builders, loader, prepare
@@ -131,18 +132,7 @@ def base_config(dataset: str, *, experiment: str, modalities: Sequence[str], pat
       batch_size=ml_collections.config_dict.placeholder(int), select_best=True, patience=10))
   c.figures = ml_collections.ConfigDict(dict(num_tiles=4))
 
-  c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**20)
-  c.distributed = dict(coordinator_address="", num_processes=1, process_id=0,
-                       cpu_collectives="")
-  c.checkpoint = dict(every_steps=1000, keep=2, use_async=True)
-
-  c.data = ml_collections.ConfigDict()
-  c.data.data_dir = "data/tfds"
-  c.data.seed = c.get_ref("seed")
-  c.data.skip_bad = False
-  c.data.read_threads = 4
-  c.data.prefetch_batches = 2
-  c.data.datasets = {dataset: loader.default_dataset_config(dataset)}
+  add_run_settings(c, datasets=(dataset,), checkpoint_keep=2)
   set_dataset(c, modalities=tuple(modalities), batch_size=batch_size, split="train",
                patch_sizes=(patch_size,), manual_dir=None, **dataset_fields)
   _check(c)

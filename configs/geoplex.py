@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from input_pipeline.loader import default_dataset_config
+from anysat_jax.run_config import add_run_settings
 
 GEOPLEX = ("treesatai_ts", "pastis_hd", "flair", "planted", "s2naip_urban")
 
@@ -42,19 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  warmup_steps=0)
   c.ema = dict(start=0.996, end=1.0)
 
-  c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**20)
-  c.distributed = dict(coordinator_address="", num_processes=1, process_id=0,
-                       cpu_collectives="")
-  c.checkpoint = dict(every_steps=1000, keep=3, use_async=True)
-
-  c.data = ml_collections.ConfigDict()
-  c.data.data_dir = "data/tfds"
-  c.data.seed = c.get_ref("seed")
-  c.data.skip_bad = False
-  c.data.read_threads = 4
-  c.data.prefetch_batches = 2
+  add_run_settings(c, datasets=GEOPLEX, checkpoint_keep=3)
   c.data.shard_by_process = True
-  c.data.datasets = {name: default_dataset_config(name) for name in GEOPLEX}
   for d in c.data.datasets.values():
     # Folder of the downloaded dataset; unset: build from the shipped / generated sample.
     d.manual_dir = ml_collections.config_dict.placeholder(str)
