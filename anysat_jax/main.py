@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
   if config is None or FLAGS.workdir is None:
     raise app.UsageError("--config and --workdir are required")
   _init_distributed(config)
-  from anysat_jax import trainer  # after jax.distributed is set up
+  from anysat_jax.trainers import pretrain as trainer  # after jax.distributed is set up
   stop = {"requested": False}
 
   def on_sigterm(signum, frame):
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
   if task == "pretrain":
     trainer.pretrain(config, FLAGS.workdir, stop)
   else:
-    from anysat_jax import finetune
+    from anysat_jax.trainers import finetune
     finetune.run(config, FLAGS.workdir, stop)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from anysat_jax.run_config import add_run_settings
+from configs.common import add_run_settings
 
 GEOPLEX = ("treesatai_ts", "pastis_hd", "flair", "planted", "s2naip_urban")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from anysat_jax import finetune
+from anysat_jax.trainers import finetune
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

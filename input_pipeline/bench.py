@@ -63,7 +63,7 @@ def bench_pipelines(config: ml_collections.ConfigDict, seconds: float
 def bench_model(config: ml_collections.ConfigDict, batch_size: int, seconds: float) -> float:
   """Examples/s of a tiny AnySat forward + backward on a TreeSatAI batch (20 m patches)."""
   from anysat_jax import AnySat
-  from anysat_jax.validation import validate_inputs
+  from anysat_jax.models.validation import validate_inputs
 
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.datasets = {"treesatai_ts": cfg.datasets.treesatai_ts}

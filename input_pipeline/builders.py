@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from anysat_jax import modalities as mods
+from anysat_jax.core import modalities as mods
 from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, check_example
 from input_pipeline.datasets import registry
 

@@ -11,7 +11,7 @@ A reader turns a dataset's published on-disk layout into examples in the encoder
 - ``label``: per ``LabelSpec``;
 - ``name``: str, the example id (file stem or sample id).
 
-Channels are in the order of ``anysat_jax.modalities.MODALITIES[mod].bands``.
+Channels are in the order of ``anysat_jax.core.modalities.MODALITIES[mod].bands``.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class DataError(ValueError):
 
 def check_example(spec: DatasetSpec, key: str, ex: Example, path: str | None = None) -> None:
   """Validates an example against the contract; raises ``DataError`` naming the problem."""
-  from anysat_jax import modalities as mods
+  from anysat_jax.core import modalities as mods
 
   for m in spec.modalities:
     if m not in ex:

@@ -72,7 +72,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from anysat_jax import modalities as mods
+from anysat_jax.core import modalities as mods
 from input_pipeline import builders, normalization, transforms
 from input_pipeline.dataset_spec import DataError, Example
 from input_pipeline.datasets import registry

@@ -12,7 +12,7 @@ Two places hold statistics, both ``{modality: {"mean": [...], "std": [...], "sou
 - next to a prepared dataset, ``<data_dir>/<name>/<version>/normalization.json``, computed on its
   training split, or its first non-empty split if it has none (``compute_stats``; written by
   ``prepare.ensure_prepared`` or this module's command line);
-- shipped with the package, ``anysat_jax/normalization.json`` (``{dataset: {modality: ...}}``):
+- shipped with the package, ``input_pipeline/normalization.json`` (``{dataset: {modality: ...}}``):
   the official TreeSatAI constants of the AnySat demo (``aerial``, ``s2``, 3-channel ``s1``) and,
   for every other (dataset, modality), statistics computed on the shipped or generated sample,
   marked as such in ``source``. Regenerate it with ``--package``.
@@ -40,11 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from anysat_jax import modalities as mods
+from anysat_jax.core import modalities as mods
 from input_pipeline.dataset_spec import Example
 
 STATS_FILE = "normalization.json"
-PACKAGE_FILE = os.path.join(os.path.dirname(os.path.abspath(mods.__file__)), STATS_FILE)
+PACKAGE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), STATS_FILE)
 OFFICIAL = "official (AnySat demo)"
 SHIPPED = "computed on the shipped sample"
 GENERATED = "computed on the generated sample"

@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from anysat_jax import modalities as mods
+from anysat_jax.core import modalities as mods
 from input_pipeline.dataset_spec import Example
 
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from conftest import PARITY_DIR, TESTDATA
 
-from anysat_jax import AnySat, convert
-from anysat_jax.config import encoder_config
-from anysat_jax.parity import rel_l2
-from anysat_jax.torch_pickle import save_pth
+from anysat_jax import AnySat
+from anysat_jax.checkpoints import convert
+from anysat_jax.io.torch_pickle import save_pth
+from anysat_jax.models.config import encoder_config
+from anysat_jax.tools.parity import rel_l2
 
 
 def _layout(size: str) -> tuple[dict[str, tuple[int, ...]], dict]:

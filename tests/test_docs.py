@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from anysat_jax import modalities as mods
+from anysat_jax.core import modalities as mods
 from input_pipeline.datasets import registry
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Feature extraction (``anysat_jax.embed``) and the GeoTIFF helpers (``anysat_jax.geotiff``).
+"""Feature extraction (``inference.embed``) and the GeoTIFF helpers (``io.geotiff``).
 
 AnySat attends over the whole tile, so a window's features depend on its context. What tiled
 inference promises, and what is tested here: a window covering the whole scene gives exactly the
@@ -20,8 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 import tifffile
 
-from anysat_jax import AnySat, convert, embed, geotiff
-from anysat_jax.parity import rel_l2
+from anysat_jax import AnySat
+from anysat_jax.checkpoints import convert
+from anysat_jax.inference import embed
+from anysat_jax.io import geotiff
+from anysat_jax.tools.parity import rel_l2
 from input_pipeline.datasets import treesatai_ts
 from input_pipeline.normalization import load_stats
 

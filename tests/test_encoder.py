@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from anysat_jax import AnySat
-from anysat_jax.layers import GroupNorm
-from anysat_jax.parity import rel_l2
+from anysat_jax.models.layers import GroupNorm
+from anysat_jax.tools.parity import rel_l2
 
 
 @pytest.fixture(scope="module")

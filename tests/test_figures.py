@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anysat_jax import figures
+from anysat_jax.evaluators import figures
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RGB3 = ("#ff0000", "#00ff00", "#0000ff")

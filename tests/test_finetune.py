@@ -1,4 +1,4 @@
-"""Fine-tuning, linear probing and evaluation (``anysat_jax.finetune``, ``configs/*_*.py``).
+"""Fine-tuning, linear probing and evaluation (``trainers.finetune``, ``configs/*_*.py``).
 
 Runs are in process (``finetune.run``) on trimmed experiment configs (``_trimmed``: the demo's
 tiny model, no temporal dropout, warmup + cosine, evaluation on the training split), except one
@@ -30,7 +30,11 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from anysat_jax import convert, finetune, metrics, train, trainer
+from anysat_jax.checkpoints import convert
+from anysat_jax.evaluators import metrics
+from anysat_jax.tasks import pretrain as train
+from anysat_jax.trainers import finetune
+from anysat_jax.trainers import pretrain as trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WEIGHTS_V64 = REPO / "tests/testdata/parity/weights_v64.npz"

@@ -11,17 +11,17 @@ import numpy as np
 import optax
 import pytest
 
-from anysat_jax import losses_downstream as ld
-from anysat_jax import metrics
-from anysat_jax.config import encoder_config
-from anysat_jax.encoder import AnySatEncoder
-from anysat_jax.heads import (
+from anysat_jax.evaluators import metrics
+from anysat_jax.models.config import encoder_config
+from anysat_jax.models.encoder import AnySatEncoder
+from anysat_jax.models.heads import (
   ClassificationHead,
   DenseHead,
   DownstreamModel,
   resize_logits,
   trainable_mask,
 )
+from anysat_jax.tasks.losses import downstream as ld
 from input_pipeline.datasets import registry
 
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from anysat_jax import masking
-from anysat_jax.masking import MaskConfig
+from anysat_jax.tasks import masking
+from anysat_jax.tasks.masking import MaskConfig
 
 CFG = MaskConfig()
 

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from anysat_jax import optim
+from anysat_jax.tasks import optim
 
 
 def _params(seed=0):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import PARITY_DIR
 
-from anysat_jax import parity
+from anysat_jax.tools import parity
 
 TOL = 1e-4
 CASES = sorted(p.name for p in PARITY_DIR.glob("case_*.npz"))
@@ -43,7 +43,7 @@ def test_intermediates_match_reference():
   """Projector, spatial-encoder and token-assembly outputs of case c2 (MODIS) match the debug
   arrays, so a failure localises to a stage."""
   model, inputs, _, z = parity.load_case(str(PARITY_DIR / "case_c2_planted_modis.npz"))
-  from anysat_jax.encoder import AnySatEncoder
+  from anysat_jax.models.encoder import AnySatEncoder
   params = {"params": model.params}
   for name in ("s2", "s1", "l7", "alos", "modis"):
     tokens = model.module.apply(params, inputs, name, 3, method=AnySatEncoder.project)
@@ -70,7 +70,8 @@ def _write_fixture_set(directory, corrupt: bool = False):
   heads, three projectors), with our own outputs as the reference."""
   import jax
 
-  from anysat_jax import AnySat, convert
+  from anysat_jax import AnySat
+  from anysat_jax.checkpoints import convert
   model = AnySat("tiny", seed=3, dim=96, depth=1, num_heads=2, spatial_depth=3, spatial_heads=8,
                  modalities=("spot", "s2", "s1"))
   sd = convert.params_to_state_dict(model.params, model.config)

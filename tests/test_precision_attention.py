@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from conftest import PARITY_DIR
 
-from anysat_jax import gpu_bench, parity, train
-from anysat_jax.config import encoder_config, override
-from anysat_jax.encoder import AnySatEncoder, select_output
-from anysat_jax.predictor import Predictor
+from anysat_jax.models.config import encoder_config, override
+from anysat_jax.models.encoder import AnySatEncoder, select_output
+from anysat_jax.models.predictor import Predictor
+from anysat_jax.tasks import pretrain as train
+from anysat_jax.tools import gpu_bench, parity
 
 CASES = sorted(p.name for p in PARITY_DIR.glob("case_*.npz"))
 CONFIG = encoder_config("tiny", dim=64, depth=1, num_heads=4, spatial_depth=2, spatial_heads=4,

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anysat_jax import losses, pos_embed
-from anysat_jax.parity import rel_l2
-from anysat_jax.predictor import Predictor
+from anysat_jax.models import pos_embed
+from anysat_jax.models.predictor import Predictor
+from anysat_jax.tasks.losses import pretrain as losses
+from anysat_jax.tools.parity import rel_l2
 
 E, P, DEPTH, HEADS = 64, 32, 2, 4
 SIDE, SCALE = 4, 2

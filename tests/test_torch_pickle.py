@@ -1,4 +1,4 @@
-"""Tests for anysat_jax.torch_pickle: torch checkpoints read (safely) and written without torch."""
+"""Tests for io.torch_pickle: torch checkpoints read (safely) and written without torch."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from anysat_jax import torch_pickle
-from anysat_jax.torch_pickle import TorchCheckpointError, UnsafeCheckpointError
+from anysat_jax.io import torch_pickle
+from anysat_jax.io.torch_pickle import TorchCheckpointError, UnsafeCheckpointError
 
 TESTDATA = pathlib.Path(__file__).parent / 'testdata' / 'torch'
 SAMPLE_PTH = TESTDATA / 's1asc_sample.pth'

@@ -26,8 +26,10 @@ import numpy as np
 import pytest
 import trainer_testlib as tl
 
-from anysat_jax import modalities as mods
-from anysat_jax import optim, train, trainer
+from anysat_jax.core import modalities as mods
+from anysat_jax.tasks import optim
+from anysat_jax.tasks import pretrain as train
+from anysat_jax.trainers import pretrain as trainer
 from input_pipeline import loader, mixture, prepare
 
 TIMEOUT = 900  # seconds of wall time per run: generous, the machine may be shared

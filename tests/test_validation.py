@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anysat_jax.config import encoder_config
-from anysat_jax.validation import validate_inputs
+from anysat_jax.models.config import encoder_config
+from anysat_jax.models.validation import validate_inputs
 
 CONFIG = encoder_config("tiny", dim=64)
 

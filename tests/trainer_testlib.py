@@ -319,7 +319,7 @@ def host(tree: Any) -> Any:
 def abstract_state(config: ml_collections.ConfigDict) -> Any:
   import jax
 
-  from anysat_jax import train
+  from anysat_jax.tasks import pretrain as train
   return jax.eval_shape(lambda: train.init_state(config))
 
 
@@ -379,7 +379,7 @@ def blow_up(params: Any) -> Any:
 def _blow_up_at(step: int) -> None:
   """Makes the trainer's compiled step see ``blow_up(params)`` at its call ``step`` (= the
   train step of a fresh run); the compiled program is unchanged."""
-  from anysat_jax import train
+  from anysat_jax.tasks import pretrain as train
   original = train.jit_train_step
 
   def patched(*args, **kwargs):

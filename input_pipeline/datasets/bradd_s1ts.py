@@ -18,7 +18,7 @@ Example ``<file stem>``:
 - ``label`` int32 (48, 48): ``label[1]``, 0 no change, 1 deforestation.
 
 Dates may be ``datetime.date``/``datetime`` objects (what the release and the synthetic sample
-store; ``anysat_jax.torch_pickle`` loads them), ISO strings (``YYYY-MM-DD...``) or ``YYYYMMDD``
+store; ``anysat_jax.io.torch_pickle`` loads them), ISO strings (``YYYY-MM-DD...``) or ``YYYYMMDD``
 integers/strings.
 
 Splits: ``close_set`` (``val`` reads ``validation``), examples in ``meta.csv`` order.
@@ -54,7 +54,7 @@ def day_of_year(d: datetime.date | str | int) -> int:
 
 
 def _load(root: str, file: str, modalities: tuple[str, ...]) -> Example:
-  from anysat_jax.torch_pickle import load_pth  # noqa: PLC0415 - imports jax; only if needed.
+  from anysat_jax.io.torch_pickle import load_pth  # noqa: PLC0415 - imports jax; only if needed.
 
   key = os.path.splitext(file)[0]
   path = os.path.join(root, "Samples", file)

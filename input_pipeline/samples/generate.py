@@ -25,7 +25,7 @@ Datasets (``num`` = what it counts, default):
   B1-B7, B9, B10, B11, 32 x 32). Bands are date-major. T: s2 4-6, s1 2-3, l8 4. ``num`` per
   split (2). The unused ``openstreetmap/`` labels are not written.
 - ``bradd_s1ts``: ``meta.csv`` (index, ``file``, ``close_set``) and ``Samples/<file>``, a
-  ``torch.save`` zip archive (written without torch by ``anysat_jax.torch_pickle.save_pth``) of
+  ``torch.save`` zip archive (written without torch by ``anysat_jax.io.torch_pickle.save_pth``) of
   a dict ``image`` float32 (T, 2, 48, 48) (VV, VH linear power), ``image_dates`` /
   ``label_dates`` (lists of ``datetime.datetime``) and ``label`` uint8 (2, 48, 48) (entry 0
   zeros, entry 1 the deforestation map). T 4-8. ``num`` per split (3).
@@ -294,7 +294,7 @@ def _blobs(rng: Rng, size: int, n: int) -> np.ndarray:
 
 
 def _gen_bradd(out: str, rng: Rng, num: int) -> list[str]:
-  from anysat_jax.torch_pickle import save_pth  # Imported only when needed (imports jax).
+  from anysat_jax.io.torch_pickle import save_pth  # Imported only when needed (imports jax).
 
   rows = []
   for close_set in ("train", "validation", "test"):

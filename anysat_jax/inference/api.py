@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anysat_jax import convert
-from anysat_jax import modalities as mods
-from anysat_jax.config import EncoderConfig, encoder_config, override
-from anysat_jax.encoder import AnySatEncoder, select_output
-from anysat_jax.validation import validate_inputs
+from anysat_jax.checkpoints import convert
+from anysat_jax.core import modalities as mods
+from anysat_jax.models.config import EncoderConfig, encoder_config, override
+from anysat_jax.models.encoder import AnySatEncoder, select_output
+from anysat_jax.models.validation import validate_inputs
 
 Params = Any
 

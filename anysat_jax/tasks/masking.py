@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anysat_jax import modalities as mods
+from anysat_jax.core import modalities as mods
 
 
 @dataclasses.dataclass(frozen=True)

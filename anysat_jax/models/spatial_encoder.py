@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from anysat_jax import layers, pos_embed
+from anysat_jax.models import layers, pos_embed
 
 
 class RPEAttention(nn.Module):

@@ -17,12 +17,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from anysat_jax import modalities as mods
-from anysat_jax.combiner import Combiner
-from anysat_jax.config import EncoderConfig
-from anysat_jax.pos_embed import sincos_grid
-from anysat_jax.projectors import LTAEProjector, VHRProjector
-from anysat_jax.spatial_encoder import SpatialEncoder
+from anysat_jax.core import modalities as mods
+from anysat_jax.models.combiner import Combiner
+from anysat_jax.models.config import EncoderConfig
+from anysat_jax.models.pos_embed import sincos_grid
+from anysat_jax.models.projectors import LTAEProjector, VHRProjector
+from anysat_jax.models.spatial_encoder import SpatialEncoder
 
 OUTPUTS = ("tile", "patch", "all", "dense")
 

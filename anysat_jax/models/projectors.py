@@ -12,10 +12,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from anysat_jax import layers
-from anysat_jax.config import ProjectorConfig
-from anysat_jax.modalities import Modality
-from anysat_jax.pos_embed import temporal_denominators
+from anysat_jax.core.modalities import Modality
+from anysat_jax.models import layers
+from anysat_jax.models.config import ProjectorConfig
+from anysat_jax.models.pos_embed import temporal_denominators
 
 
 class VHRProjector(nn.Module):

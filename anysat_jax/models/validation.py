@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from anysat_jax import modalities as mods
-from anysat_jax.config import EncoderConfig
-from anysat_jax.spatial_encoder import pe_grid_side
+from anysat_jax.core import modalities as mods
+from anysat_jax.models.config import EncoderConfig
+from anysat_jax.models.spatial_encoder import pe_grid_side
 
 MAX_DAY = 366
 
@@ -45,7 +45,7 @@ def validate_inputs(inputs: Mapping[str, Any], patch_size: Any, config: EncoderC
   MODIS excepted); patch size a positive multiple of 10 m dividing the extent; every modality on
   the same patch grid; dates present, (B, T), within 0..366; masks of the right shape.
   """
-  from anysat_jax.encoder import OUTPUTS
+  from anysat_jax.models.encoder import OUTPUTS
 
   if output not in OUTPUTS:
     raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")

@@ -20,11 +20,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from anysat_jax import losses, masking, optim
-from anysat_jax import modalities as mods
-from anysat_jax.config import EncoderConfig, encoder_config
-from anysat_jax.encoder import AnySatEncoder
-from anysat_jax.jepa import PredictorConfig, Student
+from anysat_jax.core import modalities as mods
+from anysat_jax.models.config import EncoderConfig, encoder_config
+from anysat_jax.models.encoder import AnySatEncoder
+from anysat_jax.models.jepa import PredictorConfig, Student
+from anysat_jax.tasks import masking, optim
+from anysat_jax.tasks.losses import pretrain as losses
 
 
 @flax.struct.dataclass

@@ -12,9 +12,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from anysat_jax import modalities as mods
-from anysat_jax import sharding, train
-from anysat_jax.validation import validate_inputs
+from anysat_jax import sharding
+from anysat_jax.core import modalities as mods
+from anysat_jax.models.validation import validate_inputs
+from anysat_jax.tasks import pretrain as train
 from input_pipeline import loader, mixture, prepare
 
 

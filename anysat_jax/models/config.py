@@ -13,8 +13,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from anysat_jax import modalities as mods
-from anysat_jax.layers import ATTENTION_IMPLS
+from anysat_jax.core import modalities as mods
+from anysat_jax.models.layers import ATTENTION_IMPLS
 
 
 @dataclasses.dataclass(frozen=True)

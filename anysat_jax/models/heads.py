@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from anysat_jax.encoder import AnySatEncoder
+from anysat_jax.models.encoder import AnySatEncoder
 
 TRAINING_MODES = ("finetune", "linear_probe")
 

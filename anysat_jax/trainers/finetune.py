@@ -61,14 +61,18 @@ from absl import logging
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from anysat_jax import convert, figures, heads, metrics, optim, sharding
-from anysat_jax import losses_downstream as ld
-from anysat_jax import modalities as mods
-from anysat_jax.config import EncoderConfig, encoder_config, override
-from anysat_jax.encoder import AnySatEncoder
-from anysat_jax.run_config import add_run_settings
-from anysat_jax.trainer import NonFiniteLossError, checkpoint_manager
-from anysat_jax.validation import validate_inputs
+from anysat_jax import sharding
+from anysat_jax.checkpoints import convert
+from anysat_jax.core import modalities as mods
+from anysat_jax.evaluators import figures, metrics
+from anysat_jax.models import heads
+from anysat_jax.models.config import EncoderConfig, encoder_config, override
+from anysat_jax.models.encoder import AnySatEncoder
+from anysat_jax.models.validation import validate_inputs
+from anysat_jax.tasks import optim
+from anysat_jax.tasks.losses import downstream as ld
+from anysat_jax.trainers.pretrain import NonFiniteLossError, checkpoint_manager
+from configs.common import add_run_settings
 from input_pipeline import builders, loader, prepare
 from input_pipeline.dataset_spec import LabelSpec
 from input_pipeline.datasets import registry

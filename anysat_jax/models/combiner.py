@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from anysat_jax import layers, pos_embed
+from anysat_jax.models import layers, pos_embed
 
 ATTENTION_MODES = ("token", "head_axis")
 

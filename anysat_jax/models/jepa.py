@@ -14,9 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from anysat_jax.config import EncoderConfig
-from anysat_jax.encoder import AnySatEncoder
-from anysat_jax.predictor import Predictor
+from anysat_jax.models.config import EncoderConfig
+from anysat_jax.models.encoder import AnySatEncoder
+from anysat_jax.models.predictor import Predictor
 
 
 @dataclasses.dataclass(frozen=True)
