@@ -1,4 +1,5 @@
-"""Feature extraction (``inference.embed``) and the GeoTIFF helpers (``io.geotiff``).
+"""Feature extraction (``inference.embed``, ``inference.embed_cli``) and the GeoTIFF helpers
+(``io.geotiff``).
 
 AnySat attends over the whole tile, so a window's features depend on its context. What tiled
 inference promises, and what is tested here: a window covering the whole scene gives exactly the
@@ -22,8 +23,8 @@ import tifffile
 
 from anysat_jax import AnySat
 from anysat_jax.checkpoints import convert
-from anysat_jax.inference import embed
-from anysat_jax.io import geotiff
+from anysat_jax.inference import embed, embed_cli
+from anysat_jax.io import geotiff, rasters
 from anysat_jax.tools.parity import rel_l2
 from input_pipeline.datasets import treesatai_ts
 from input_pipeline.normalization import load_stats
@@ -73,7 +74,7 @@ def test_sample_tile_and_patch_match_the_api(model, tmp_path):
   want_tile = np.asarray(model(batch, 20, "tile"))
   want_patch = np.asarray(model(batch, 20, "patch"))
 
-  embed.run(model, embed.parse_args([*SAMPLE_ARGS, "--out", str(tmp_path / "t.npz")]))
+  embed_cli.run(model, embed_cli.parse_args([*SAMPLE_ARGS, "--out", str(tmp_path / "t.npz")]))
   z = np.load(tmp_path / "t.npz")
   assert rel_l2(z["feature"], want_tile) < 1e-6
   x0, y0 = 565642.600000003 + 2 * 0.20000000000015317, 5770980.399999992 - 2 * 0.19999999999938728
@@ -83,7 +84,7 @@ def test_sample_tile_and_patch_match_the_api(model, tmp_path):
   assert meta["inputs"]["aerial"]["shape"] == [4, 300, 300]
   assert meta["normalization"]["s2"] == "treesatai_ts: official (AnySat demo)"
 
-  embed.run(model, embed.parse_args([*SAMPLE_ARGS, "--output", "patch",
+  embed_cli.run(model, embed_cli.parse_args([*SAMPLE_ARGS, "--output", "patch",
                                      "--out", str(tmp_path / "p.parquet")]))
   t = pq.read_table(tmp_path / "p.parquet").to_pydict()
   assert rel_l2(np.array(t["feature"]), want_patch.reshape(9, 64)) < 1e-6
@@ -143,10 +144,14 @@ def test_tiled_tile_rows_flush_edge_and_padding(model):
 def test_dense_geotiff_keeps_crs_scales_pixels(model, tmp_path):
   """Aerial dense map of the cropped tile: 2 m cells, corner moved by the 2 px crop, CRS kept."""
   out = tmp_path / "d.tif"
-  emb = embed.run(model, embed.parse_args(
+  embed_cli.run(model, embed_cli.parse_args(
       ["--input", f"aerial={TIF}", "--crop", "aerial=300", "--stats", "treesatai_ts",
-       "--patch_size", "20", "--output", "dense", "--bands", "last", "--out", str(out)]))
+       "--patch_size", "20", "--output", "dense", "--dense_bands", "last", "--out", str(out)]))
   data, ref = geotiff.read(out)
+  aerial = geotiff.read(TIF)[0][:, 2:302, 2:302]
+  s = load_stats("treesatai_ts", "aerial")
+  emb = embed.embed_arrays(model, {"aerial": aerial}, {}, 20, "dense", dense_bands="last",
+                           stats={"aerial": (s.mean, s.std)})
   assert data.shape == (64, 30, 30)
   np.testing.assert_array_equal(data, np.moveaxis(emb.features, -1, 0))
   src, got = _input_tags(TIF), _input_tags(out)
@@ -166,7 +171,7 @@ def test_cli_subprocess(ckpt, tmp_path):
   out = tmp_path / "s2.tif"
   proc = subprocess.run(
       [sys.executable, "-m", "anysat_jax.embed", *SAMPLE_ARGS, "--weights", str(ckpt),
-       "--output", "dense", "--output_modality", "s2", "--bands", "first", "--out", str(out)],
+       "--output", "dense", "--output_modality", "s2", "--dense_bands", "first", "--out", str(out)],
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert "wrote a 6x6 dense map of 64 bands at 10 m" in proc.stderr
@@ -197,18 +202,18 @@ def test_errors(model, ckpt, caplog):
                      r"\(s2\) \(windows of 120 m\)"):
     embed.embed_arrays(model, s2, s2_dates, 20, "dense", "aerial", tile_m=120)
   with pytest.raises(ValueError, match="s2: 2 dates for 146 acquisitions"):
-    embed.read_input("s2", str(H5), np.array([1.0, 2.0]), "sen-2-data")
+    rasters.read_input("s2", str(H5), np.array([1.0, 2.0]), "sen-2-data")
   # The command line reports the mismatch (no --crop) and exits with status 2.
   argv = [a for a in SAMPLE_ARGS if a not in ("--crop", "aerial=300")]
-  assert embed.main([*argv, "--weights", str(ckpt), "--out", "unused.npz"]) == 2
+  assert embed_cli.main([*argv, "--weights", str(ckpt), "--out", "unused.npz"]) == 2
   assert "but aerial: 304x304 px x 0.2 m = 60.8 x 60.8 m" in caplog.text
 
 
 def test_dates():
-  assert embed.parse_dates("2020-01-02,20200201, 45").tolist() == [2, 32, 45]
-  assert embed.day_of_year(b"S1A_IW_GRDH_1SDV_20200103T170841_20200103T170906") == 3
+  assert rasters.parse_dates("2020-01-02,20200201, 45").tolist() == [2, 32, 45]
+  assert rasters.day_of_year(b"S1A_IW_GRDH_1SDV_20200103T170841_20200103T170906") == 3
   with pytest.raises(ValueError, match="not a date"):
-    embed.day_of_year("March")
+    rasters.day_of_year("March")
 
 
 def _write_raw(path, tags):
@@ -246,4 +251,4 @@ def test_geotiff_georeferences(tmp_path):
                                    geotiff.MODEL_TIEPOINT: (0, 0, 0, 500000.0, 5000000.0, 0),
                                    geotiff.GEO_KEY_DIRECTORY: (1, 1, 0, 1, 1024, 0, 1, 1)})
   with pytest.raises(ValueError, match="has 20 x 20 m pixels but the model reads s2 at 10 m"):
-    embed.read_input("s2", str(tmp_path / "s2.tif"), np.array([1.0]))
+    rasters.read_input("s2", str(tmp_path / "s2.tif"), np.array([1.0]))
