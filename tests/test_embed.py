@@ -11,6 +11,7 @@ ramp-weighted mean. Tiled features are not the whole-scene features.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -162,8 +163,12 @@ def test_dense_geotiff_keeps_crs_scales_pixels(model, tmp_path):
   x, y = src[geotiff.MODEL_TIEPOINT][3:5]
   np.testing.assert_allclose(got[geotiff.MODEL_TIEPOINT], (0, 0, 0, x + 2 * sx, y - 2 * sy, 0),
                              rtol=0, atol=1e-6)
-  item = ElementTree.fromstring(got[geotiff.GDAL_METADATA]).find("Item[@name='anysat']")
-  assert json.loads(item.text)["cell_m"] == 2.0
+  items = ElementTree.fromstring(got[geotiff.GDAL_METADATA])
+  assert json.loads(items.find("Item[@name='anysat']").text)["cell_m"] == 2.0
+  assert items.find("Item[@name='crs']").text == "EPSG:25832"      # resolved from UTM keys
+  assert os.path.getsize(out) < data.nbytes                         # deflate, tiled
+  with tifffile.TiffFile(out) as tif:
+    assert tif.pages.first.is_tiled and tif.pages.first.compression == 8
 
 
 def test_cli_subprocess(ckpt, tmp_path):
@@ -252,3 +257,85 @@ def test_geotiff_georeferences(tmp_path):
                                    geotiff.GEO_KEY_DIRECTORY: (1, 1, 0, 1, 1024, 0, 1, 1)})
   with pytest.raises(ValueError, match="has 20 x 20 m pixels but the model reads s2 at 10 m"):
     rasters.read_input("s2", str(tmp_path / "s2.tif"), np.array([1.0]))
+
+
+def test_missing_values_are_masked_and_empty_windows_are_nodata(model, caplog):
+  """NaNs in a window give finite features equal to the model's on the same pixels marked
+  missing in ``s2_valid``; a window without any valid value is NaN (nodata), in the table and
+  in the dense map, where the other windows' cells stay finite."""
+  arrays, dates = _scene()
+  holed = arrays["s2"].copy()
+  holed[1, :, 2:5, 3:7] = np.nan                       # part of window (0, 0)
+  holed[:, :, 12:, 12:] = np.nan                       # all of window (1, 1)
+  origins = [(0, 0), (0, 12), (12, 0), (12, 12)]
+  with caplog.at_level("INFO", "anysat_jax"):
+    emb = embed.embed_arrays(model, {"s2": holed}, dates, 20, "tile", tile_m=120, batch=4)
+  assert "s2: 4440 of 17280 values are missing (nodata or NaN/Inf); masked" in caplog.text
+  batch = _windows(arrays, dates, origins, 12)
+  batch["s2_valid"] = np.isfinite(_windows({"s2": holed}, dates, origins, 12)["s2"])
+  want = np.asarray(model({**batch, "s2_valid": batch["s2_valid"].astype(np.uint8)}, 20))
+  assert np.isfinite(emb.features[:3]).all() and np.isnan(emb.features[3]).all()
+  np.testing.assert_allclose(emb.features[:3], want[:3], rtol=1e-5, atol=1e-6)
+  assert rel_l2(emb.features[0], np.asarray(model(_windows(arrays, dates, origins, 12), 20))[0]
+                ) > 1e-4                               # the holes changed window (0, 0)
+  with pytest.raises(ValueError, match=r"s2: 4440 of 17280 values are missing"):
+    embed.embed_arrays(model, {"s2": holed}, dates, 20, tile_m=120, missing="raise")
+
+  dense = embed.embed_arrays(model, {"s2": holed}, dates, 20, "dense", tile_m=120, batch=4)
+  assert np.isnan(dense.features[12:, 12:]).all() and np.isfinite(dense.features[:12]).all()
+
+
+def test_cli_bands_nodata_overwrite_and_refusals(ckpt, tmp_path, caplog):
+  """A 13-band series with a nodata value: ``--bands`` picks the registry's 10 per date, the
+  nodata pixels are masked; the output is refused where it is an input or exists (unless
+  ``--overwrite``), and a failed write leaves the old file as it was."""
+  rng = np.random.default_rng(2)
+  data = rng.integers(1, 5000, size=(2 * 13, 12, 12)).astype(np.uint16)
+  data[3, 4, 5] = 0
+  src = tmp_path / "s2.tif"
+  keys = (1, 1, 0, 2, 1024, 0, 1, 1, 3072, 0, 1, 32632)
+  tifffile.imwrite(src, data, photometric="minisblack", planarconfig="separate", extratags=[
+      (geotiff.MODEL_PIXEL_SCALE, 12, 3, (10.0, 10.0, 0.0), True),
+      (geotiff.MODEL_TIEPOINT, 12, 6, (0, 0, 0, 500000.0, 5000000.0, 0), True),
+      (geotiff.GEO_KEY_DIRECTORY, 3, len(keys), keys, True),
+      (geotiff.GDAL_NODATA, 2, 0, "0", True)])
+  out = tmp_path / "f.tif"
+  argv = ["--input", f"s2={src}", "--bands", "s2=2-8,13,11,12", "--dates", "s2=100,200",
+          "--stats", "pastis_hd", "--patch_size", "20", "--weights", str(ckpt),
+          "--output", "dense", "--dense_bands", "first"]
+  with caplog.at_level("INFO", "anysat_jax"):
+    assert embed_cli.main([*argv, "--out", str(out)]) == 0
+  assert "s2: 1 of 2880 values are missing" in caplog.text
+  got, ref = geotiff.read(out)
+  assert ref.epsg == 32632 and got.shape == (64, 12, 12) and np.isfinite(got).all()
+  stats = load_stats("pastis_hd", "s2")
+  pick = np.array([2, 3, 4, 5, 6, 7, 8, 13, 11, 12]) - 1
+  x = data.reshape(2, 13, 12, 12)[:, pick].astype(np.float32)
+  x[0, 2, 4, 5] = np.nan
+  want = embed.embed_arrays(AnySat.from_pretrained(ckpt), {"s2": x}, {"s2": np.array([100, 200])},
+                            20, "dense", dense_bands="first", stats={"s2": (stats.mean,
+                                                                            stats.std)})
+  np.testing.assert_allclose(got, np.moveaxis(want.features, -1, 0), rtol=1e-5, atol=1e-6)
+
+  before = out.read_bytes()
+  caplog.clear()
+  assert embed_cli.main([*argv, "--out", str(src)]) == 2
+  assert "is the input" in caplog.text and tifffile.imread(src).shape == data.shape
+  assert embed_cli.main([*argv, "--out", str(out)]) == 2
+  assert "exists; pass --overwrite to replace it" in caplog.text
+
+  def full_disk(path, shape, rows, *a, **k):
+    next(iter(rows))
+    with open(path, "wb") as f:
+      f.write(b"II*\0")
+    raise OSError(28, "No space left on device")
+  original = geotiff.write_rows
+  geotiff.write_rows = full_disk
+  try:
+    assert embed_cli.main([*argv, "--out", str(out), "--overwrite"]) == 2
+  finally:
+    geotiff.write_rows = original
+  assert "No space left on device" in caplog.text and out.read_bytes() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["f.tif", "s2.tif"]
+  assert embed_cli.main([*argv, "--out", str(out), "--overwrite", "--dense_bands", "last"]) == 0
+  assert out.read_bytes() != before

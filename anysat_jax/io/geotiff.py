@@ -39,6 +39,7 @@ COMPRESSIONS = ("deflate", "zstd", "none")
 _TIFF_COMPRESSION = {"deflate": "zlib", "zstd": "zstd", "none": None}
 _TILE_BYTES = 2**24     # at most, uncompressed, all bands of a pixel-interleaved tile
 _USER_DEFINED = 32767
+_WGS84_ELLIPSOID, _GRS80_ELLIPSOID = 7030, 7019
 _RASTER_TYPE_KEY = 1025
 _PIXEL_IS_POINT = 2
 _DOUBLE = 12  # TIFF data type code
@@ -92,11 +93,25 @@ class GeoRef:
 
   @property
   def epsg(self) -> int | None:
-    """The CRS's EPSG code when the GeoKeys name one (projected, else geographic), or None."""
+    """The CRS's EPSG code when the GeoKeys name one (projected, else geographic), or resolve
+    a user-defined UTM one (``ProjectionGeoKey`` 160zz/161zz on WGS 84, or on GRS 80: ETRS89
+    zones 28-38, NAD83 zones 1-23); else None."""
+    keys = self.geokeys
     for key in ("ProjectedCSTypeGeoKey", "GeographicTypeGeoKey"):
-      code = self.geokeys.get(key)
+      code = keys.get(key)
       if isinstance(code, int) and 0 < code != _USER_DEFINED:
         return code
+    proj = keys.get("ProjectionGeoKey")
+    if not (isinstance(proj, int) and 16001 <= proj <= 16160 and 1 <= proj % 100 <= 60):
+      return None
+    zone, north = proj % 100, proj < 16100
+    ellipsoid = keys.get("GeogEllipsoidGeoKey")
+    if ellipsoid == _WGS84_ELLIPSOID or keys.get("GeographicTypeGeoKey") == 4326:
+      return (32600 if north else 32700) + zone
+    if ellipsoid == _GRS80_ELLIPSOID and north and 28 <= zone <= 38:
+      return 25800 + zone
+    if ellipsoid == _GRS80_ELLIPSOID and north and zone <= 23:
+      return 26900 + zone
     return None
 
   def tags(self) -> list[tuple[int, int, int, Any, bool]]:
@@ -215,14 +230,14 @@ def _tiles(rows: Iterable[np.ndarray], height: int, width: int, side: int,
     while have >= side or (block is None and have > 0):
       strip = np.concatenate(buf) if len(buf) > 1 else buf[0]
       take = min(side, have)
+      if done + take > height or (block is None and done + take != height):
+        raise ValueError(f"got {done + have} rows for a raster of {height} rows")
       for c in range(0, width, side):
         tile = np.full((side, side, strip.shape[-1]), fill, np.float32)
         part = strip[:take, c:c + side]
         tile[:part.shape[0], :part.shape[1]] = part
         yield tile
       buf, have, done = [strip[take:]], have - take, done + take
-  if done != height:
-    raise ValueError(f"got {done} rows for a raster of {height} rows")
 
 
 def write_rows(path: str | os.PathLike, shape: tuple[int, int, int],
@@ -243,7 +258,7 @@ def write_rows(path: str | os.PathLike, shape: tuple[int, int, int],
     tags.append((GDAL_METADATA, 2, 0, f"<GDALMetadata>{items}</GDALMetadata>", True))
   if nodata is not None:
     tags.append((GDAL_NODATA, 2, 0, "nan" if math.isnan(nodata) else repr(float(nodata)), True))
-  side = tile_side(bands)
+  side = min(tile_side(bands), -(-max(height, width) // 16) * 16)   # small maps: small tiles
   fill = 0.0 if nodata is None else nodata
   codec = _TIFF_COMPRESSION[compression]
   try:
