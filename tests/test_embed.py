@@ -1,4 +1,5 @@
-"""Feature extraction (``inference.embed``) and the GeoTIFF helpers (``io.geotiff``).
+"""Feature extraction (``inference.embed``, ``inference.embed_cli``) and the GeoTIFF helpers
+(``io.geotiff``).
 
 AnySat attends over the whole tile, so a window's features depend on its context. What tiled
 inference promises, and what is tested here: a window covering the whole scene gives exactly the
@@ -10,6 +11,7 @@ ramp-weighted mean. Tiled features are not the whole-scene features.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -22,8 +24,8 @@ import tifffile
 
 from anysat_jax import AnySat
 from anysat_jax.checkpoints import convert
-from anysat_jax.inference import embed
-from anysat_jax.io import geotiff
+from anysat_jax.inference import embed, embed_cli
+from anysat_jax.io import geotiff, rasters
 from anysat_jax.tools.parity import rel_l2
 from input_pipeline.datasets import treesatai_ts
 from input_pipeline.normalization import load_stats
@@ -73,7 +75,7 @@ def test_sample_tile_and_patch_match_the_api(model, tmp_path):
   want_tile = np.asarray(model(batch, 20, "tile"))
   want_patch = np.asarray(model(batch, 20, "patch"))
 
-  embed.run(model, embed.parse_args([*SAMPLE_ARGS, "--out", str(tmp_path / "t.npz")]))
+  embed_cli.run(model, embed_cli.parse_args([*SAMPLE_ARGS, "--out", str(tmp_path / "t.npz")]))
   z = np.load(tmp_path / "t.npz")
   assert rel_l2(z["feature"], want_tile) < 1e-6
   x0, y0 = 565642.600000003 + 2 * 0.20000000000015317, 5770980.399999992 - 2 * 0.19999999999938728
@@ -83,7 +85,7 @@ def test_sample_tile_and_patch_match_the_api(model, tmp_path):
   assert meta["inputs"]["aerial"]["shape"] == [4, 300, 300]
   assert meta["normalization"]["s2"] == "treesatai_ts: official (AnySat demo)"
 
-  embed.run(model, embed.parse_args([*SAMPLE_ARGS, "--output", "patch",
+  embed_cli.run(model, embed_cli.parse_args([*SAMPLE_ARGS, "--output", "patch",
                                      "--out", str(tmp_path / "p.parquet")]))
   t = pq.read_table(tmp_path / "p.parquet").to_pydict()
   assert rel_l2(np.array(t["feature"]), want_patch.reshape(9, 64)) < 1e-6
@@ -143,10 +145,14 @@ def test_tiled_tile_rows_flush_edge_and_padding(model):
 def test_dense_geotiff_keeps_crs_scales_pixels(model, tmp_path):
   """Aerial dense map of the cropped tile: 2 m cells, corner moved by the 2 px crop, CRS kept."""
   out = tmp_path / "d.tif"
-  emb = embed.run(model, embed.parse_args(
+  embed_cli.run(model, embed_cli.parse_args(
       ["--input", f"aerial={TIF}", "--crop", "aerial=300", "--stats", "treesatai_ts",
-       "--patch_size", "20", "--output", "dense", "--bands", "last", "--out", str(out)]))
+       "--patch_size", "20", "--output", "dense", "--dense_bands", "last", "--out", str(out)]))
   data, ref = geotiff.read(out)
+  aerial = geotiff.read(TIF)[0][:, 2:302, 2:302]
+  s = load_stats("treesatai_ts", "aerial")
+  emb = embed.embed_arrays(model, {"aerial": aerial}, {}, 20, "dense", dense_bands="last",
+                           stats={"aerial": (s.mean, s.std)})
   assert data.shape == (64, 30, 30)
   np.testing.assert_array_equal(data, np.moveaxis(emb.features, -1, 0))
   src, got = _input_tags(TIF), _input_tags(out)
@@ -157,8 +163,12 @@ def test_dense_geotiff_keeps_crs_scales_pixels(model, tmp_path):
   x, y = src[geotiff.MODEL_TIEPOINT][3:5]
   np.testing.assert_allclose(got[geotiff.MODEL_TIEPOINT], (0, 0, 0, x + 2 * sx, y - 2 * sy, 0),
                              rtol=0, atol=1e-6)
-  item = ElementTree.fromstring(got[geotiff.GDAL_METADATA]).find("Item[@name='anysat']")
-  assert json.loads(item.text)["cell_m"] == 2.0
+  items = ElementTree.fromstring(got[geotiff.GDAL_METADATA])
+  assert json.loads(items.find("Item[@name='anysat']").text)["cell_m"] == 2.0
+  assert items.find("Item[@name='crs']").text == "EPSG:25832"      # resolved from UTM keys
+  assert os.path.getsize(out) < data.nbytes                         # deflate, tiled
+  with tifffile.TiffFile(out) as tif:
+    assert tif.pages.first.is_tiled and tif.pages.first.compression == 8
 
 
 def test_cli_subprocess(ckpt, tmp_path):
@@ -166,7 +176,7 @@ def test_cli_subprocess(ckpt, tmp_path):
   out = tmp_path / "s2.tif"
   proc = subprocess.run(
       [sys.executable, "-m", "anysat_jax.embed", *SAMPLE_ARGS, "--weights", str(ckpt),
-       "--output", "dense", "--output_modality", "s2", "--bands", "first", "--out", str(out)],
+       "--output", "dense", "--output_modality", "s2", "--dense_bands", "first", "--out", str(out)],
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert "wrote a 6x6 dense map of 64 bands at 10 m" in proc.stderr
@@ -197,18 +207,18 @@ def test_errors(model, ckpt, caplog):
                      r"\(s2\) \(windows of 120 m\)"):
     embed.embed_arrays(model, s2, s2_dates, 20, "dense", "aerial", tile_m=120)
   with pytest.raises(ValueError, match="s2: 2 dates for 146 acquisitions"):
-    embed.read_input("s2", str(H5), np.array([1.0, 2.0]), "sen-2-data")
+    rasters.read_input("s2", str(H5), np.array([1.0, 2.0]), "sen-2-data")
   # The command line reports the mismatch (no --crop) and exits with status 2.
   argv = [a for a in SAMPLE_ARGS if a not in ("--crop", "aerial=300")]
-  assert embed.main([*argv, "--weights", str(ckpt), "--out", "unused.npz"]) == 2
+  assert embed_cli.main([*argv, "--weights", str(ckpt), "--out", "unused.npz"]) == 2
   assert "but aerial: 304x304 px x 0.2 m = 60.8 x 60.8 m" in caplog.text
 
 
 def test_dates():
-  assert embed.parse_dates("2020-01-02,20200201, 45").tolist() == [2, 32, 45]
-  assert embed.day_of_year(b"S1A_IW_GRDH_1SDV_20200103T170841_20200103T170906") == 3
+  assert rasters.parse_dates("2020-01-02,20200201, 45").tolist() == [2, 32, 45]
+  assert rasters.day_of_year(b"S1A_IW_GRDH_1SDV_20200103T170841_20200103T170906") == 3
   with pytest.raises(ValueError, match="not a date"):
-    embed.day_of_year("March")
+    rasters.day_of_year("March")
 
 
 def _write_raw(path, tags):
@@ -246,4 +256,86 @@ def test_geotiff_georeferences(tmp_path):
                                    geotiff.MODEL_TIEPOINT: (0, 0, 0, 500000.0, 5000000.0, 0),
                                    geotiff.GEO_KEY_DIRECTORY: (1, 1, 0, 1, 1024, 0, 1, 1)})
   with pytest.raises(ValueError, match="has 20 x 20 m pixels but the model reads s2 at 10 m"):
-    embed.read_input("s2", str(tmp_path / "s2.tif"), np.array([1.0]))
+    rasters.read_input("s2", str(tmp_path / "s2.tif"), np.array([1.0]))
+
+
+def test_missing_values_are_masked_and_empty_windows_are_nodata(model, caplog):
+  """NaNs in a window give finite features equal to the model's on the same pixels marked
+  missing in ``s2_valid``; a window without any valid value is NaN (nodata), in the table and
+  in the dense map, where the other windows' cells stay finite."""
+  arrays, dates = _scene()
+  holed = arrays["s2"].copy()
+  holed[1, :, 2:5, 3:7] = np.nan                       # part of window (0, 0)
+  holed[:, :, 12:, 12:] = np.nan                       # all of window (1, 1)
+  origins = [(0, 0), (0, 12), (12, 0), (12, 12)]
+  with caplog.at_level("INFO", "anysat_jax"):
+    emb = embed.embed_arrays(model, {"s2": holed}, dates, 20, "tile", tile_m=120, batch=4)
+  assert "s2: 4440 of 17280 values are missing (nodata or NaN/Inf); masked" in caplog.text
+  batch = _windows(arrays, dates, origins, 12)
+  batch["s2_valid"] = np.isfinite(_windows({"s2": holed}, dates, origins, 12)["s2"])
+  want = np.asarray(model({**batch, "s2_valid": batch["s2_valid"].astype(np.uint8)}, 20))
+  assert np.isfinite(emb.features[:3]).all() and np.isnan(emb.features[3]).all()
+  np.testing.assert_allclose(emb.features[:3], want[:3], rtol=1e-5, atol=1e-6)
+  assert rel_l2(emb.features[0], np.asarray(model(_windows(arrays, dates, origins, 12), 20))[0]
+                ) > 1e-4                               # the holes changed window (0, 0)
+  with pytest.raises(ValueError, match=r"s2: 4440 of 17280 values are missing"):
+    embed.embed_arrays(model, {"s2": holed}, dates, 20, tile_m=120, missing="raise")
+
+  dense = embed.embed_arrays(model, {"s2": holed}, dates, 20, "dense", tile_m=120, batch=4)
+  assert np.isnan(dense.features[12:, 12:]).all() and np.isfinite(dense.features[:12]).all()
+
+
+def test_cli_bands_nodata_overwrite_and_refusals(ckpt, tmp_path, caplog):
+  """A 13-band series with a nodata value: ``--bands`` picks the registry's 10 per date, the
+  nodata pixels are masked; the output is refused where it is an input or exists (unless
+  ``--overwrite``), and a failed write leaves the old file as it was."""
+  rng = np.random.default_rng(2)
+  data = rng.integers(1, 5000, size=(2 * 13, 12, 12)).astype(np.uint16)
+  data[3, 4, 5] = 0
+  src = tmp_path / "s2.tif"
+  keys = (1, 1, 0, 2, 1024, 0, 1, 1, 3072, 0, 1, 32632)
+  tifffile.imwrite(src, data, photometric="minisblack", planarconfig="separate", extratags=[
+      (geotiff.MODEL_PIXEL_SCALE, 12, 3, (10.0, 10.0, 0.0), True),
+      (geotiff.MODEL_TIEPOINT, 12, 6, (0, 0, 0, 500000.0, 5000000.0, 0), True),
+      (geotiff.GEO_KEY_DIRECTORY, 3, len(keys), keys, True),
+      (geotiff.GDAL_NODATA, 2, 0, "0", True)])
+  out = tmp_path / "f.tif"
+  argv = ["--input", f"s2={src}", "--bands", "s2=2-8,13,11,12", "--dates", "s2=100,200",
+          "--stats", "pastis_hd", "--patch_size", "20", "--weights", str(ckpt),
+          "--output", "dense", "--dense_bands", "first"]
+  with caplog.at_level("INFO", "anysat_jax"):
+    assert embed_cli.main([*argv, "--out", str(out)]) == 0
+  assert "s2: 1 of 2880 values are missing" in caplog.text
+  got, ref = geotiff.read(out)
+  assert ref.epsg == 32632 and got.shape == (64, 12, 12) and np.isfinite(got).all()
+  stats = load_stats("pastis_hd", "s2")
+  pick = np.array([2, 3, 4, 5, 6, 7, 8, 13, 11, 12]) - 1
+  x = data.reshape(2, 13, 12, 12)[:, pick].astype(np.float32)
+  x[0, 2, 4, 5] = np.nan
+  want = embed.embed_arrays(AnySat.from_pretrained(ckpt), {"s2": x}, {"s2": np.array([100, 200])},
+                            20, "dense", dense_bands="first", stats={"s2": (stats.mean,
+                                                                            stats.std)})
+  np.testing.assert_allclose(got, np.moveaxis(want.features, -1, 0), rtol=1e-5, atol=1e-6)
+
+  before = out.read_bytes()
+  caplog.clear()
+  assert embed_cli.main([*argv, "--out", str(src)]) == 2
+  assert "is the input" in caplog.text and tifffile.imread(src).shape == data.shape
+  assert embed_cli.main([*argv, "--out", str(out)]) == 2
+  assert "exists; pass --overwrite to replace it" in caplog.text
+
+  def full_disk(path, shape, rows, *a, **k):
+    next(iter(rows))
+    with open(path, "wb") as f:
+      f.write(b"II*\0")
+    raise OSError(28, "No space left on device")
+  original = geotiff.write_rows
+  geotiff.write_rows = full_disk
+  try:
+    assert embed_cli.main([*argv, "--out", str(out), "--overwrite"]) == 2
+  finally:
+    geotiff.write_rows = original
+  assert "No space left on device" in caplog.text and out.read_bytes() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["f.tif", "s2.tif"]
+  assert embed_cli.main([*argv, "--out", str(out), "--overwrite", "--dense_bands", "last"]) == 0
+  assert out.read_bytes() != before

@@ -1,16 +1,20 @@
 """Feature-extraction API, shaped like the official hub model.
 
   model = anysat_jax.AnySat(size="base")                 # random weights
-  model = anysat_jax.AnySat.from_pretrained("AnySat.pth") # official weights (or a converted dir)
+  model = anysat_jax.AnySat.from_pretrained("base")       # released weights, by name
+  model = anysat_jax.AnySat.from_pretrained("AnySat.pth") # a file (or a converted dir)
   feats = model(batch, patch_size=20, output="tile")      # (B, E)
 
 ``batch`` is a dict of numpy or jax arrays: images (B, C, H, W); time series (B, T, C, H, W)
 with ``<mod>_dates`` (B, T) day of year, optional ``<mod>_mask`` (B, T) date mask and
-``<mod>_valid`` value mask. Values must be normalised per channel beforehand.
+``<mod>_valid`` value mask. Values must be normalised per channel beforehand. NaN/Inf values
+are missing values by default (folded into ``<mod>_valid``, with a log line), or refused
+with ``nonfinite="raise"``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -21,9 +25,12 @@ import numpy as np
 
 from anysat_jax.checkpoints import convert
 from anysat_jax.core import modalities as mods
+from anysat_jax.inference import pretrained
 from anysat_jax.models.config import EncoderConfig, encoder_config, override
 from anysat_jax.models.encoder import AnySatEncoder, select_output
-from anysat_jax.models.validation import validate_inputs
+from anysat_jax.models.validation import count_nonfinite, validate_inputs
+
+log = logging.getLogger(__name__)
 
 Params = Any
 
@@ -57,12 +64,16 @@ class AnySat:
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> AnySat:
-    """Loads a converted checkpoint directory (``python -m anysat_jax.convert``) or converts an
-    official ``.pth`` / ``.npz`` / ``.safetensors`` state dict on the fly.
+    """Loads released weights by name (``"base"``, ``"base-head-axis"``: downloaded once,
+    converted and cached, see ``inference.pretrained``), a converted checkpoint directory
+    (``python -m anysat_jax.convert``), or converts an official ``.pth`` / ``.npz`` /
+    ``.safetensors`` state dict on the fly.
 
     ``overrides`` may set ``combiner_attention`` and the projectors' ``reduce_scale``.
     """
     path = os.fspath(path)
+    if path in pretrained.RELEASES and not os.path.exists(path):
+      path = pretrained.resolve(path)
     if os.path.isdir(path):
       params, config = convert.load(path)
       return cls(params=params, config=override(config, **overrides))
@@ -82,10 +93,17 @@ class AnySat:
                              output_modality, raster_dense=raster_dense)
 
   def __call__(self, batch: Mapping[str, Any], patch_size: int, output: str = "tile",
-               output_modality: str | None = None, *, raster_dense: bool = False) -> jax.Array:
-    """Validates ``batch`` and encodes it; see ``AnySatEncoder.__call__`` for the outputs."""
-    validate_inputs(batch, patch_size, self.config, output, output_modality)
-    arrays = {k: _as_input(k, v) for k, v in batch.items()}
+               output_modality: str | None = None, *, raster_dense: bool = False,
+               nonfinite: str = "mask") -> jax.Array:
+    """Validates ``batch`` and encodes it; see ``AnySatEncoder.__call__`` for the outputs.
+
+    ``nonfinite``: ``"mask"`` treats NaN/Inf data values as missing (folded into
+    ``<mod>_valid``, a log line counts them); ``"raise"`` refuses them with a ValueError
+    naming the modality and the count.
+    """
+    validate_inputs(batch, patch_size, self.config, output, output_modality,
+                    nonfinite=nonfinite)
+    arrays = {k: _as_input(k, v) for k, v in _fold_nonfinite(batch).items()}
     dense_modality = None
     if output == "dense":
       dense_modality = output_modality or mods.modality_keys(batch)[0]
@@ -99,6 +117,25 @@ class AnySat:
     ordered = {k: arrays[k] for k in order}
     return self.module.apply({"params": params}, ordered, patch_size, dense_modality,
                              method=AnySatEncoder.features)
+
+
+def _fold_nonfinite(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """The batch with NaN/Inf data values set to 0 and marked 0 in ``<mod>_valid``."""
+  out = dict(batch)
+  for name in mods.modality_keys(batch):
+    x = batch[name]
+    bad = count_nonfinite(x)
+    if not bad:
+      continue
+    log.info("%s: %d of %d values are NaN or Inf; treated as missing (%s%s)", name, bad, x.size,
+             name, mods.VALID_SUFFIX)
+    finite = jnp.isfinite(jnp.asarray(x))
+    key = name + mods.VALID_SUFFIX
+    if key in batch:
+      finite = finite & (jnp.broadcast_to(jnp.asarray(batch[key]), finite.shape) != 0)
+    out[name] = jnp.where(finite, jnp.asarray(x), 0)
+    out[key] = finite.astype(jnp.uint8)
+  return out
 
 
 def _as_input(key: str, value: Any) -> jax.Array:

@@ -1,5 +1,9 @@
 """Minimal GeoTIFF input/output with tifffile: (C, H, W) arrays plus a north-up georeference.
 
+Reading memory-maps an uncompressed file (``open_bands``), so a window of a large scene reads
+only its pixels. Writing streams rows into a compressed (deflate, or zstd with ``imagecodecs``),
+internally tiled, pixel-interleaved GeoTIFF: memory holds one row of tiles, not the raster.
+
 Only north-up rasters are handled: a ``ModelPixelScale`` + single ``ModelTiepoint`` pair, or a
 ``ModelTransformation`` without rotation or shear. Rotated/sheared transformations, ground
 control points (several tie points) and south-up rasters are refused with a ``ValueError``.
@@ -11,9 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import logging
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
@@ -28,6 +34,12 @@ GEO_DOUBLE_PARAMS = 34736
 GEO_ASCII_PARAMS = 34737
 CRS_TAGS = (GEO_KEY_DIRECTORY, GEO_DOUBLE_PARAMS, GEO_ASCII_PARAMS)
 GDAL_METADATA = 42112
+GDAL_NODATA = 42113
+COMPRESSIONS = ("deflate", "zstd", "none")
+_TIFF_COMPRESSION = {"deflate": "zlib", "zstd": "zstd", "none": None}
+_TILE_BYTES = 2**24     # at most, uncompressed, all bands of a pixel-interleaved tile
+_USER_DEFINED = 32767
+_WGS84_ELLIPSOID, _GRS80_ELLIPSOID = 7030, 7019
 _RASTER_TYPE_KEY = 1025
 _PIXEL_IS_POINT = 2
 _DOUBLE = 12  # TIFF data type code
@@ -79,6 +91,29 @@ class GeoRef:
     return self.geokeys.get("GTModelTypeGeoKey") == 1 and \
         self.geokeys.get("ProjLinearUnitsGeoKey", 9001) == 9001
 
+  @property
+  def epsg(self) -> int | None:
+    """The CRS's EPSG code when the GeoKeys name one (projected, else geographic), or resolve
+    a user-defined UTM one (``ProjectionGeoKey`` 160zz/161zz on WGS 84, or on GRS 80: ETRS89
+    zones 28-38, NAD83 zones 1-23); else None."""
+    keys = self.geokeys
+    for key in ("ProjectedCSTypeGeoKey", "GeographicTypeGeoKey"):
+      code = keys.get(key)
+      if isinstance(code, int) and 0 < code != _USER_DEFINED:
+        return code
+    proj = keys.get("ProjectionGeoKey")
+    if not (isinstance(proj, int) and 16001 <= proj <= 16160 and 1 <= proj % 100 <= 60):
+      return None
+    zone, north = proj % 100, proj < 16100
+    ellipsoid = keys.get("GeogEllipsoidGeoKey")
+    if ellipsoid == _WGS84_ELLIPSOID or keys.get("GeographicTypeGeoKey") == 4326:
+      return (32600 if north else 32700) + zone
+    if ellipsoid == _GRS80_ELLIPSOID and north and 28 <= zone <= 38:
+      return 25800 + zone
+    if ellipsoid == _GRS80_ELLIPSOID and north and zone <= 23:
+      return 26900 + zone
+    return None
+
   def tags(self) -> list[tuple[int, int, int, Any, bool]]:
     """tifffile ``extratags`` writing this georeference (pixel scale + one tie point)."""
     half = 0.5 if self.pixel_is_point else 0.0  # raster (0, 0) is a pixel centre then
@@ -128,35 +163,124 @@ def _georef(page: tifffile.TiffPage, path: str) -> GeoRef | None:
                 point, crs, geokeys)
 
 
+def _nodata(page: tifffile.TiffPage, path: str) -> float | None:
+  """The GDAL_NODATA value (a number or ``nan``), or None."""
+  text = page.tags.valueof(GDAL_NODATA)
+  if text is None:
+    return None
+  try:
+    return float(str(text).strip("\x00 "))
+  except ValueError:
+    raise ValueError(f"{path}: GDAL_NODATA tag {text!r} is not a number") from None
+
+
+def _to_bands(x: np.ndarray, axes: str, path: str) -> np.ndarray:
+  if axes == "YX":
+    return x[None]
+  if axes == "YXS":
+    return np.moveaxis(x, -1, 0)
+  if len(axes) != 3 or not axes.endswith("YX"):
+    raise ValueError(f"{path}: unexpected TIFF axes {axes!r} (shape {x.shape}); expected one "
+                     "image of (bands, height, width)")
+  return x
+
+
+def open_bands(path: str | os.PathLike) -> tuple[np.ndarray, GeoRef | None, float | None]:
+  """The first image of a (Geo)TIFF as (N, H, W) in file band order and dtype: a read-only
+  memory map when the file is uncompressed and contiguous, else read whole; with its
+  georeference (or None) and GDAL_NODATA value (or None). Any interleave is accepted."""
+  path = os.fspath(path)
+  with tifffile.TiffFile(path) as tif:
+    series = tif.series[0]
+    georef = _georef(tif.pages.first, path)
+    nodata = _nodata(tif.pages.first, path)
+    axes, lazy = series.axes, series.dataoffset is not None
+    x = tifffile.memmap(path, mode="r", series=0) if lazy else series.asarray()
+  return _to_bands(x, axes, path), georef, nodata
+
+
 def read(path: str | os.PathLike) -> tuple[np.ndarray, GeoRef | None]:
   """Reads the first image of a (Geo)TIFF: (float32 (C, H, W) in file band order, georeference
   or None). Any interleave (pixel or band) is accepted."""
   path = os.fspath(path)
   with tifffile.TiffFile(path) as tif:
     series = tif.series[0]
-    x, axes = series.asarray(), series.axes
+    x = _to_bands(series.asarray(), series.axes, path)
     georef = _georef(tif.pages.first, path)
-  if axes == "YX":
-    x = x[None]
-  elif axes == "YXS":
-    x = np.moveaxis(x, -1, 0)
-  elif len(axes) != 3 or not axes.endswith("YX"):
-    raise ValueError(f"{path}: unexpected TIFF axes {axes!r} (shape {x.shape}); expected one "
-                     "image of (bands, height, width)")
   return x.astype(np.float32), georef
 
 
-def write(path: str | os.PathLike, data: np.ndarray, georef: GeoRef | None,
-          metadata: Mapping[str, str] | None = None) -> None:
-  """Writes float32 (C, H, W) as a band-interleaved GeoTIFF (BigTIFF when over 4 GB), with
-  ``georef`` (None: a plain TIFF) and dataset metadata items (GDAL_METADATA, as GDAL writes
-  them)."""
-  data = np.asarray(data, np.float32)
-  if data.ndim != 3:
-    raise ValueError(f"expected (C, H, W), got shape {data.shape}")
+def tile_side(bands: int) -> int:
+  """Tile side (px, a multiple of 16, at most 256) keeping a tile of all bands under 16 MiB."""
+  return int(min(256, max(16, math.isqrt(_TILE_BYTES // (4 * bands)) // 16 * 16)))
+
+
+def _tiles(rows: Iterable[np.ndarray], height: int, width: int, side: int,
+           fill: float) -> Iterator[np.ndarray]:
+  """Tiles (side, side, D) in row-major order from row blocks (k, width, D) covering
+  ``height`` rows; edge tiles padded with ``fill``. Holds one row of tiles."""
+  buf: list[np.ndarray] = []
+  have, done = 0, 0
+  for block in itertools.chain(rows, [None]):
+    if block is not None:
+      if block.ndim != 3 or block.shape[1] != width:
+        raise ValueError(f"row block of shape {block.shape} for a raster {width} px wide")
+      buf.append(np.asarray(block, np.float32))
+      have += len(block)
+    while have >= side or (block is None and have > 0):
+      strip = np.concatenate(buf) if len(buf) > 1 else buf[0]
+      take = min(side, have)
+      if done + take > height or (block is None and done + take != height):
+        raise ValueError(f"got {done + have} rows for a raster of {height} rows")
+      for c in range(0, width, side):
+        tile = np.full((side, side, strip.shape[-1]), fill, np.float32)
+        part = strip[:take, c:c + side]
+        tile[:part.shape[0], :part.shape[1]] = part
+        yield tile
+      buf, have, done = [strip[take:]], have - take, done + take
+
+
+def write_rows(path: str | os.PathLike, shape: tuple[int, int, int],
+               rows: Iterable[np.ndarray], georef: GeoRef | None,
+               metadata: Mapping[str, str] | None = None, *, compression: str = "deflate",
+               nodata: float | None = None) -> None:
+  """Streams float32 row blocks (k, W, D), top to bottom, into a tiled, pixel-interleaved
+  GeoTIFF of ``shape`` (H, W, D) (BigTIFF when over 4 GB): ``compression`` deflate, zstd
+  (needs ``imagecodecs``) or none; ``georef`` (None: a plain TIFF); dataset metadata items
+  (GDAL_METADATA, as GDAL writes them); ``nodata`` written as GDAL_NODATA and used to pad edge
+  tiles. Memory: one row of tiles."""
+  if compression not in COMPRESSIONS:
+    raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+  height, width, bands = shape
   tags = georef.tags() if georef is not None else []
   if metadata:
     items = "".join(f"<Item name={quoteattr(k)}>{escape(v)}</Item>" for k, v in metadata.items())
     tags.append((GDAL_METADATA, 2, 0, f"<GDALMetadata>{items}</GDALMetadata>", True))
-  tifffile.imwrite(os.fspath(path), data, photometric="minisblack", planarconfig="separate",
-                   metadata=None, bigtiff=data.nbytes > 2**32 - 2**25, extratags=tags)
+  if nodata is not None:
+    tags.append((GDAL_NODATA, 2, 0, "nan" if math.isnan(nodata) else repr(float(nodata)), True))
+  side = min(tile_side(bands), -(-max(height, width) // 16) * 16)   # small maps: small tiles
+  fill = 0.0 if nodata is None else nodata
+  codec = _TIFF_COMPRESSION[compression]
+  try:
+    with tifffile.TiffWriter(os.fspath(path), bigtiff=height * width * bands * 4 > 2**32 - 2**25
+                             ) as tif:
+      tif.write(_tiles(rows, height, width, side, fill), shape=(height, width, bands),
+                dtype=np.float32, tile=(side, side), photometric="minisblack",
+                planarconfig="contig", compression=codec, metadata=None, extratags=tags)
+  except (KeyError, ImportError, ModuleNotFoundError) as e:
+    if compression != "zstd":
+      raise
+    raise ValueError(f"zstd compression needs the imagecodecs package ({e}); use deflate"
+                     ) from None
+
+
+def write(path: str | os.PathLike, data: np.ndarray, georef: GeoRef | None,
+          metadata: Mapping[str, str] | None = None, *, compression: str = "deflate",
+          nodata: float | None = None) -> None:
+  """Writes float32 (C, H, W) like ``write_rows``."""
+  data = np.asarray(data, np.float32)
+  if data.ndim != 3:
+    raise ValueError(f"expected (C, H, W), got shape {data.shape}")
+  c, h, w = data.shape
+  rows = (np.moveaxis(data[:, r:r + 256], 0, -1) for r in range(0, h, 256))
+  write_rows(path, (h, w, c), rows, georef, metadata, compression=compression, nodata=nodata)

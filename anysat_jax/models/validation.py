@@ -9,6 +9,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from anysat_jax.core import modalities as mods
@@ -16,6 +18,28 @@ from anysat_jax.models.config import EncoderConfig
 from anysat_jax.models.spatial_encoder import pe_grid_side
 
 MAX_DAY = 366
+NONFINITE = ("mask", "raise")
+# The combiner's relative-position bucket table, (S + N) x (S + M N) int32 for N patches of M
+# modalities and S leading tokens, must fit this budget (a 128 x 128 patch grid of 3
+# modalities takes 3 GiB).
+MAX_TABLE_BYTES = 16 * 2**30
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2**40:.2f} TiB" if n >= 2**40 else f"{n / 2**30:.2f} GiB"
+
+
+def table_bytes(patches: int, grids: int, special: int = 1) -> int:
+  """Bytes of the combiner's relative-position table for ``patches`` patches per modality."""
+  return 4 * (special + patches) * (special + grids * patches)
+
+
+def count_nonfinite(x: Any) -> int | None:
+  """NaN/Inf values of a concrete array (None for a tracer)."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  xp = jnp if isinstance(x, jax.Array) else np     # count where the array lives
+  return int(x.size - xp.count_nonzero(xp.isfinite(x)))
 
 
 def _is_concrete(x: Any) -> bool:
@@ -37,18 +61,24 @@ def patches_per_side(name: str, pixels: int, scale: int, reduce_scale: int) -> t
 
 
 def validate_inputs(inputs: Mapping[str, Any], patch_size: Any, config: EncoderConfig,
-                    output: str = "tile", output_modality: str | None = None) -> None:
+                    output: str = "tile", output_modality: str | None = None, *,
+                    nonfinite: str = "mask", max_table_bytes: int = MAX_TABLE_BYTES) -> None:
   """Checks a batch against the model before it runs; raises ``ValueError`` on the first problem.
 
   Checks: known modality with a projector in the model; rank, channels, square pixels, float
   dtype, non-empty and equal batch sizes; matching ground extents (pixels x metres per pixel,
   MODIS excepted); patch size a positive multiple of 10 m dividing the extent; every modality on
-  the same patch grid; dates present, (B, T), within 0..366; masks of the right shape.
+  the same patch grid; dates present, (B, T), within 0..366; masks of the right shape; the
+  combiner's relative-position table within ``max_table_bytes``. ``nonfinite="raise"`` refuses
+  NaN/Inf data values (``"mask"`` leaves them to the caller, which folds them into
+  ``<mod>_valid``).
   """
   from anysat_jax.models.encoder import OUTPUTS
 
   if output not in OUTPUTS:
     raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+  if nonfinite not in NONFINITE:
+    raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
   names = mods.modality_keys(inputs)
   if not names:
     raise ValueError("no modality in the input dict (keys: " + ", ".join(inputs) + ")")
@@ -70,12 +100,15 @@ def validate_inputs(inputs: Mapping[str, Any], patch_size: Any, config: EncoderC
       raise ValueError(f"{name}: this model has no projector for it "
                        f"(it has: {', '.join(config.modality_names)})")
     x = inputs[name]
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+      raise ValueError(f"{name}: expected a numpy or JAX array, got a {type(x).__name__}; "
+                       "convert it with np.asarray(x, np.float32)")
     shape = tuple(np.shape(x))
     want = 5 if m.temporal else 4
     layout = "(B, T, C, H, W)" if m.temporal else "(B, C, H, W)"
     if len(shape) != want:
       raise ValueError(f"{name}: expected a rank-{want} array {layout}, got shape {shape}")
-    if not np.issubdtype(np.dtype(x.dtype), np.floating):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"{name}: data must be floating point (normalised values), got dtype "
                        f"{x.dtype}")
     if shape[0] == 0:
@@ -92,6 +125,11 @@ def validate_inputs(inputs: Mapping[str, Any], patch_size: Any, config: EncoderC
       raise ValueError(f"{name}: tiles must be square, got {h}x{w} pixels")
     if m.temporal:
       _check_time_series(inputs, name, shape)
+    bad = count_nonfinite(x) if nonfinite == "raise" else None
+    if bad:
+      raise ValueError(f"{name}: {bad} of {math.prod(shape)} values are NaN or Inf; mark "
+                       f"missing values in {name}{mods.VALID_SUFFIX} instead (or let them be "
+                       "masked: nonfinite='mask')")
     if m.context_token:
       continue
     side_m = h * m.gsd
@@ -107,6 +145,19 @@ def validate_inputs(inputs: Mapping[str, Any], patch_size: Any, config: EncoderC
   if not math.isclose(ratio, round(ratio), abs_tol=1e-9) or round(ratio) < 1:
     raise ValueError(f"patch size {patch_size} m does not divide the tile extent {extent:g} m")
   n = round(ratio)
+  grids = [nm for nm in names if not mods.get(nm).context_token]
+  special = 1 + (len(grids) < len(names))
+  need = table_bytes(n * n, len(grids), special)
+  if need > max_table_bytes:
+    fit = n
+    while fit > 1 and table_bytes(fit * fit, len(grids), special) > max_table_bytes:
+      fit -= 1
+    raise ValueError(
+        f"{', '.join(grids)}: a {extent:g} m tile at patch size {patch_size} m has {n}x{n} = "
+        f"{n * n} patches per modality ({len(grids)} modalities); the combiner's relative-"
+        f"position table would take {_gib(need)} (limit {_gib(max_table_bytes)}); cut the "
+        f"scene into windows of at most {fit * patch_size:g} m (embed: --tile_m "
+        f"{fit * patch_size:g}) or use a larger patch size")
 
   for name in names:
     m = mods.get(name)
