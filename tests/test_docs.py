@@ -113,7 +113,7 @@ def test_readme_python_blocks_run(monkeypatch, tmp_path):
   import anysat_jax
 
   def from_pretrained(path, **overrides):
-    assert path == "converted/" and not overrides
+    assert path == "base" and not overrides
     return anysat_jax.AnySat("base", modalities=("aerial", "s2"), seed=0)
 
   monkeypatch.setattr(anysat_jax.AnySat, "from_pretrained", staticmethod(from_pretrained))
