@@ -184,7 +184,7 @@ def block_masks(seed: int, step: int, rows: Sequence[int], side: int, cfg: MaskC
   k_ctx, k_tgt = mask_sizes(side, cfg)
   ctx, tgt, valid = zip(*(_sample_masks(streams.rng(seed, streams.BLOCK_MASKS, step, r), side,
                                         cfg, k_ctx, k_tgt) for r in rows), strict=True)
-  return {"ctx_idx": np.stack(ctx), "tgt_idx": np.stack(tgt, axis=1),
+  return {"ctx_idx": np.stack(ctx).astype(np.int32), "tgt_idx": np.stack(tgt, axis=1),
           "tgt_valid": np.stack(valid, axis=1)}
 
 
