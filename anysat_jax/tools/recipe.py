@@ -36,8 +36,8 @@ from input_pipeline.datasets import registry
 
 PAPER_SIZES = {"treesatai_ts": 38520, "pastis_hd": 1455, "flair": 49230, "planted": 1075701,
                "s2naip_urban": 359046}
-MASK_STEPS = 16
-MASK_ROWS = 64
+MASK_STEPS = 8
+MASK_ROWS = 32
 _TKEEP_SEED = 0           # The simulated date masks (not a run's draw).
 
 FLAGS = flags.FLAGS
