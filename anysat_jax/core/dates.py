@@ -12,12 +12,13 @@ _DATE = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})")
 _MS_PER_DAY = 86_400_000
 
 
-def day_of_year(value: datetime.date | str | bytes) -> int:
+def day_of_year(value: datetime.date | str | bytes | int) -> int:
   """Day of year (1 January = 1) of a date.
 
   ``value``: a ``datetime.date`` / ``datetime``, ``"2020-01-02"``, ``"20200102"``, or a name
   that holds such a date (``"S2A_MSIL2A_20200102T102421_..."``: the first one); bytes are
-  decoded as UTF-8. Raises ``ValueError`` naming the value when it holds no valid date.
+  decoded as UTF-8, ints read as YYYYMMDD. Raises ``ValueError`` naming the value when it
+  holds no valid date.
   """
   if isinstance(value, datetime.date):
     return value.timetuple().tm_yday
