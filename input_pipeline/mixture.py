@@ -167,7 +167,8 @@ def sampler(config: ml_collections.ConfigDict, split_sizes: Mapping[str, int],
 class MixtureIterator(grain.DatasetIterator):
   """Yields ``(dataset_name, patch_size_m, batch)``; see the module docstring.
 
-  State: ``{"sampler": Sampler state, "datasets": {name: that dataset iterator's state}}``.
+  State: the ``Sampler`` state (``step``, ``epoch``, ``epoch_step``, ``remaining``) and
+  ``"datasets"``: {name: that dataset iterator's state}.
   """
 
   def __init__(self, iterators: Mapping[str, grain.DatasetIterator], draws: Sampler):
@@ -203,7 +204,7 @@ class MixtureIterator(grain.DatasetIterator):
     return name, patch_size, batch
 
   def get_state(self) -> dict[str, Any]:
-    return {"sampler": self._sampler.get_state(),
+    return {**self._sampler.get_state(),
             "datasets": {n: it.get_state() for n, it in self._iterators.items()}}
 
   def set_state(self, state: dict[str, Any]) -> None:
@@ -212,7 +213,7 @@ class MixtureIterator(grain.DatasetIterator):
                        f"{sorted(self._iterators)}")
     for n, it in self._iterators.items():
       it.set_state(state["datasets"][n])
-    self._sampler.set_state(state["sampler"])
+    self._sampler.set_state(state)
 
 
 def mixture(config: ml_collections.ConfigDict, *, shard_index: int, shard_count: int,

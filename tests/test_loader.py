@@ -212,22 +212,6 @@ def test_mixture_shapes_per_dataset_and_patch_size(data_dir):
   assert all(s == sigs[0] for sigs in signatures.values() for s in sigs)
 
 
-def test_mixture_follows_weights():
-  weights = {n: default_dataset_config(n).weight for n in GEOPLEX}
-  assert weights == {"treesatai_ts": 1, "pastis_hd": 1, "flair": 1, "planted": 2,
-                     "s2naip_urban": 4}
-  patches = {n: tuple(default_dataset_config(n).patch_sizes) for n in GEOPLEX}
-  draws = [mixture.choose(7, s, weights, patches) for s in range(2000)]
-  assert draws == [mixture.choose(7, s, dict(reversed(weights.items())), patches)
-                   for s in range(2000)]
-  for n, w in weights.items():
-    assert abs(sum(d == n for d, _ in draws) / 2000 - w / 9) < 0.03, n
-  s2naip = [p for d, p in draws if d == "s2naip_urban"]
-  for p in (40, 80, 160):
-    assert abs(s2naip.count(p) / len(s2naip) - 1 / 3) < 0.06
-  assert draws != [mixture.choose(8, s, weights, patches) for s in range(2000)]
-
-
 def _assert_same(a, b):
   assert a[:2] == b[:2] and a[2].keys() == b[2].keys()
   for k in a[2]:
@@ -261,69 +245,6 @@ def test_restore_continues_exactly(data_dir, tmp_path, kind):
       _assert_same(next(it2), want)
     it2.close()
   mngr.close()
-
-
-def _draws(sampler: mixture.Sampler, n: int) -> list[tuple[str, int]]:
-  return [sampler.draw() for _ in range(n)]
-
-
-def test_epoch_mixture_exhausts_each_dataset_once_per_epoch():
-  """Official semantics: an epoch draws each dataset exactly its N // batch batches (here all
-  used up before the 20-step cap), weighted among those left; then a new epoch begins."""
-  weights = {"a": 1.0, "b": 4.0, "c": 2.0}
-  patches = {"a": (10, 20), "b": (40,), "c": (30,)}
-  per_epoch = {"a": 3, "b": 5, "c": 4}
-  sampler = mixture.Sampler(5, weights, patches, epoch_batches=per_epoch, epoch_steps=20)
-  draws = _draws(sampler, 36)
-  for e in range(3):
-    epoch = [d for d, _ in draws[12 * e:12 * (e + 1)]]
-    assert {n: epoch.count(n) for n in weights} == per_epoch
-  assert sampler.epoch == 2 and sampler.remaining == {"a": 0, "b": 0, "c": 0}
-  # Heavier datasets come first on average: b is used up before a in most epochs.
-  capped = mixture.Sampler(5, weights, patches, epoch_batches=per_epoch, epoch_steps=6)
-  firsts = _draws(capped, 600)
-  assert capped.epoch == 99
-  counts = {n: sum(d == n for d, _ in firsts) for n in weights}
-  assert counts["b"] > counts["c"] > counts["a"] and counts["b"] <= 500
-  assert {p for d, p in firsts if d == "a"} == {10, 20}
-  # Deterministic, and its state restores mid-epoch.
-  again = mixture.Sampler(5, weights, patches, epoch_batches=per_epoch, epoch_steps=20)
-  first = _draws(again, 17)
-  state = json.loads(json.dumps(again.get_state()))
-  resumed = mixture.Sampler(5, weights, patches, epoch_batches=per_epoch, epoch_steps=20)
-  resumed.set_state(state)
-  assert first + _draws(resumed, 19) == draws
-  with pytest.raises(ValueError, match="b: the split holds no full global batch"):
-    mixture.Sampler(5, weights, patches, epoch_batches={"a": 1, "b": 0, "c": 1})
-
-
-def test_epoch_length_follows_the_reference_dataset():
-  sizes, batches = {"s2naip_urban": 359046, "planted": 1075701}, {"s2naip_urban": 16,
-                                                                    "planted": 2048}
-  mcfg = {"epoch_reference": "s2naip_urban", "epoch_reduce": 10}
-  assert mixture.epoch_length(mcfg, sizes, batches) == 2244
-  assert mixture.epoch_length({**mcfg, "epoch_steps": 7}, sizes, batches) == 7
-  assert mixture.epoch_length({}, sizes, batches) is None
-  with pytest.raises(ValueError, match="'flair' is not among"):
-    mixture.epoch_length({"epoch_reference": "flair"}, sizes, batches)
-
-
-def test_global_batch_size_per_device_and_errors():
-  d = default_dataset_config("planted")
-  assert loader.global_batch_size("planted", d, shard_count=2, num_devices=8) == 2048
-  with pytest.raises(ValueError, match="planted: per_device_batch=256 needs the number"):
-    loader.global_batch_size("planted", d, shard_count=1)
-  d.batch_size = 100
-  with pytest.raises(ValueError, match="planted: set exactly one of batch_size"):
-    loader.global_batch_size("planted", d, shard_count=1, num_devices=8)
-  d.per_device_batch = None
-  with pytest.raises(ValueError, match="planted: global batch size 100 does not divide over "
-                     "the 8 devices"):
-    loader.global_batch_size("planted", d, shard_count=1, num_devices=8)
-  assert loader.global_batch_size("planted", d, shard_count=4, num_devices=4) == 100
-  with pytest.raises(ValueError, match="planted: global batch size 100 is not divisible by the "
-                     "3 processes"):
-    loader.global_batch_size("planted", d, shard_count=3)
 
 
 def _corrupting(data_dir, monkeypatch, bad: dict[int, callable]):
