@@ -1,8 +1,10 @@
-"""Pretraining masks: multi-block patch masks (host, NumPy), modality and temporal masks (in jit).
+"""Pretraining masks: multi-block patch masks (host, NumPy, one random stream per batch row),
+modality and temporal masks (in jit; the temporal selection also runs in NumPy).
 
 Every output has a static shape per (grid side, config): a g x g patch grid always yields K_ctx
-context cells and K_tgt (padded) cells per target block, see ``mask_sizes``. Patch indices are
-raster indices ``row * g + col`` of the patch grid.
+context cells and K_tgt (padded) cells per target block, see ``mask_sizes``; a series of T dates
+keeps ``kept_dates(T)`` slots with a validity mask. Patch indices are raster indices
+``row * g + col`` of the patch grid. docs/recipe.md compares them with the official masks.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class MaskConfig:
     context_scale: range of the (square) context block's area, fraction of the grid area.
     context_fraction: K_ctx = max(1, round(g**2 * context_fraction)) context cells per sample.
     modality_ratio: fraction of the non-guaranteed context tokens replaced by the mask token.
-    temporal_keep: fraction of the dates kept in every student time series.
+    temporal_keep: fraction of each sample's real dates kept in the student's time series
+      (in expectation, at least one; ``select_dates``).
     max_tries: consecutive failed context draws before one more target stops constraining it.
   """
 
