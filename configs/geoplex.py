@@ -2,6 +2,7 @@
 
   python -m anysat_jax.main --config=configs/geoplex.py --workdir=runs/geoplex
   python -m anysat_jax.main --config=configs/geoplex.py:demo --workdir=runs/demo
+  python -m anysat_jax.recipe --config=configs/geoplex.py   # its data and mask draws, simulated
 
 Variants:
   (default)  the paper's recipe: base model, TreeSatAI-TS, PASTIS-HD, FLAIR, PLANTED and
