@@ -2,11 +2,13 @@
 
   python -m anysat_jax.main --config=configs/geoplex.py --workdir=runs/geoplex
   python -m anysat_jax.main --config=configs/geoplex.py:demo --workdir=runs/demo
+  python -m anysat_jax.recipe --config=configs/geoplex.py   # its data and mask draws, simulated
 
 Variants:
   (default)  the paper's recipe: base model, TreeSatAI-TS, PASTIS-HD, FLAIR, PLANTED and
-             S2NAIP-Urban with the official weights, batch and patch sizes, AdamW lr 5e-5 and
-             weight decay 0.05, EMA 0.996 -> 1, 200 epochs of 2244 steps (8 devices).
+             S2NAIP-Urban with the official weights, per-device batch sizes, patch sizes and
+             epoch mixture, AdamW lr 5e-5 and weight decay 0.05, EMA 0.996 -> 1, 200 epochs of
+             2244 steps (8 devices).
              Point ``config.data.datasets.<name>.manual_dir`` at each downloaded dataset.
   demo       a tiny model on the shipped (and generated) samples: 2-core CPU, a few minutes.
 """
@@ -15,9 +17,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import add_run_settings
-
-GEOPLEX = ("treesatai_ts", "pastis_hd", "flair", "planted", "s2naip_urban")
+from configs.common import GEOPLEX, add_run_settings
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -44,6 +44,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   add_run_settings(c, datasets=GEOPLEX, checkpoint_keep=3)
   c.data.shard_by_process = True
+  # Official epochs (spec A.3): weighted draws among the datasets not yet used up in the epoch;
+  # an epoch is one tenth of S2NAIP-Urban in its batches. Batch sizes: the paper's per device.
+  c.data.mixture = dict(kind="epoch", epoch_steps=ml_collections.config_dict.placeholder(int),
+                        epoch_reference="s2naip_urban", epoch_reduce=10)
   for d in c.data.datasets.values():
     # Folder of the downloaded dataset; unset: build from the shipped / generated sample.
     d.manual_dir = ml_collections.config_dict.placeholder(str)
@@ -73,9 +77,11 @@ def _demo(c: ml_collections.ConfigDict) -> None:
   buckets = {"treesatai_ts": {"s2": 16, "s1-asc": 8}, "pastis_hd": {"s2": 4, "s1": 4},
              "flair": {}, "planted": {"s2": 8, "s1": 8, "l7": 8, "alos": 4, "modis": 8},
              "s2naip_urban": {"s2": 8, "s1": 4, "l8": 4}}
+  # The samples hold a few examples each; draws are i.i.d. by weight (see docs/recipe.md).
+  c.data.mixture.kind = "iid"
   for name, (batch, patches) in sizes.items():
     d = c.data.datasets[name]
-    d.batch_size = batch
+    d.batch_size, d.per_device_batch = batch, None           # Global batches.
     d.patch_sizes = patches
     d.buckets = buckets[name]
   # The shipped FLAIR Sentinel-2 sample is a 32 px synthetic stand-in that does not cover the

@@ -35,8 +35,8 @@ import tqdm
 from anysat_jax.core import modalities as mods
 from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, check_example
 from input_pipeline.datasets import registry
+from input_pipeline.naming import VERSION, prepared_dir
 
-VERSION = "1.0.0"
 _TFDS_VERSION = tfds.core.Version(VERSION)
 _ZLIB = tfds.features.Encoding.ZLIB
 _LABEL_FEATURES = {
@@ -133,7 +133,7 @@ def build(spec: DatasetSpec, manual_dir: str, data_dir: str, *, skip_bad: bool =
   the build, or with ``skip_bad`` the example is skipped and listed in the report (the reader
   must take ``on_error``). Empty splits are not written.
   """
-  path = os.path.join(data_dir, spec.name, VERSION)
+  path = prepared_dir(data_dir, spec.name)
   if os.path.exists(path):
     if not overwrite:
       raise FileExistsError(f"{path} exists; delete it or pass overwrite=True")
@@ -192,4 +192,4 @@ def build(spec: DatasetSpec, manual_dir: str, data_dir: str, *, skip_bad: bool =
 
 def data_sources(name: str, data_dir: str) -> dict[str, Sequence[Example]]:
   """Random-access sources of a built dataset, by split; items are dicts of numpy arrays."""
-  return tfds.builder_from_directory(os.path.join(data_dir, name, VERSION)).as_data_source()
+  return tfds.builder_from_directory(prepared_dir(data_dir, name)).as_data_source()

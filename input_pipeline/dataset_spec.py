@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from anysat_jax.core import modalities as mods
+
 Example = dict[str, Any]
 
 
@@ -85,8 +87,6 @@ class DataError(ValueError):
 
 def check_example(spec: DatasetSpec, key: str, ex: Example, path: str | None = None) -> None:
   """Validates an example against the contract; raises ``DataError`` naming the problem."""
-  from anysat_jax.core import modalities as mods
-
   for m in spec.modalities:
     if m not in ex:
       raise DataError(f"modality {m!r} missing", path=path, example_id=key)

@@ -29,24 +29,26 @@ Training batches are infinite (shuffle per epoch, ``repeat``; only full batches)
 one pass in order, no random transform, the last batch padded with copies of the split's first
 example (``example_mask`` 0), and the same number of batches on every process.
 
-Processes: each JAX process reads the disjoint shard ``shard_index::shard_count`` (default
-``jax.process_index()`` / ``jax.process_count()``) and gets ``batch_size / shard_count``
-examples per batch.
+Processes: each process reads the disjoint shard ``shard_index::shard_count`` (the caller
+passes its process index and count) and gets ``global batch / shard_count`` examples per batch.
 
-Configuration (an ``ml_collections.ConfigDict``; ``default_dataset_config`` gives the official
-per-dataset values)::
+Configuration (an ``ml_collections.ConfigDict``; ``configs.common.default_dataset_config`` gives
+the official per-dataset values)::
 
   config.data_dir          where the prepared datasets are (``prepare`` / ``ensure_prepared``)
   config.seed              int; shuffles, random transforms and the mixture derive from it
+  config.mixture           the mixture's settings (``mixture``)
   config.skip_bad          bool (default False): skip and count bad examples instead of raising
   config.read_threads      int (default 4): reader threads per dataset
   config.prefetch_batches  int (default 2): batches prepared ahead per dataset
   config.datasets.<name>   one entry per registry dataset (``datasets.registry``):
     modalities        tuple of modality names read and batched
     split             "train", "val" or "test"
-    batch_size        global batch size (divisible by the process count)
+    batch_size        global batch size (divisible by the device and process counts), or None
+    per_device_batch  batch size per device of the data axis (global = it x devices), or None;
+                      exactly one of the two is set
     patch_sizes       tuple of patch sizes in metres (mixture: one drawn per step, uniformly)
-    weight            sampling weight in the mixture
+    weight            sampling weight in the mixture (``mixture``)
     buckets           {time-series modality: T_b}, every time-series modality needs one
     crop              {modality: side in pixels} (random at training, centred at evaluation);
                       an image smaller than its crop is left whole, with a warning
@@ -58,75 +60,21 @@ per-dataset values)::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
-import os
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
-import jax
 import ml_collections
 import numpy as np
 
-from anysat_jax.core import modalities as mods
-from input_pipeline import builders, normalization, transforms
+from input_pipeline import builders, naming, normalization, processing
 from input_pipeline.dataset_spec import DataError, Example
-from input_pipeline.datasets import registry
 
 NON_INPUT_KEYS = ("label", "name", "example_mask")
-MAX_DAY = 366
-
-# GeoPlex (spec A.3, C.12): per-device batch sizes of the original, used as global batch sizes.
-GEOPLEX = ("treesatai_ts", "pastis_hd", "flair", "planted", "s2naip_urban")
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "treesatai_ts": dict(modalities=("aerial", "s2", "s1-asc"), batch_size=128,
-                         patch_sizes=(10, 20), weight=1.0, buckets={"s2": 160, "s1-asc": 64},
-                         crop={"aerial": 300}),
-    "pastis_hd": dict(modalities=("spot", "s2", "s1"), batch_size=1, patch_sizes=(40, 80, 160),
-                      weight=1.0, buckets={"s2": 20, "s1": 20}, max_dates=20),
-    "flair": dict(modalities=("aerial-flair", "s2"), batch_size=32, patch_sizes=(10, 20),
-                  weight=1.0, buckets={"s2": 120}, crop={"aerial-flair": 500}),
-    "planted": dict(modalities=("s2", "s1", "l7", "alos", "modis"), batch_size=256,
-                    patch_sizes=(30,), weight=2.0,
-                    buckets={"s2": 8, "s1": 8, "l7": 20, "alos": 4, "modis": 60}),
-    "s2naip_urban": dict(modalities=("naip", "l8", "s2", "s1"), batch_size=2,
-                         patch_sizes=(40, 80, 160), weight=4.0,
-                         buckets={"l8": 4, "s2": 32, "s1": 8}),
-    # Downstream datasets: fine-tuning batch sizes, patch sizes and dropouts (spec B.7, C.1).
-    "pastis_hd_cls": dict(modalities=("spot", "s2", "s1"), batch_size=4, patch_sizes=(40,),
-                          buckets={"s2": 20, "s1": 20}, max_dates=20),
-    "sen1floods11": dict(modalities=("s2", "s1"), batch_size=4, patch_sizes=(80,),
-                         buckets={"s2": 1, "s1": 1}),
-    "bradd_s1ts": dict(modalities=("s1",), batch_size=8, patch_sizes=(40,), buckets={"s1": 66},
-                       temporal_dropout=0.5),
-    "sickle": dict(modalities=("s2", "s1", "l8"), batch_size=12, patch_sizes=(10,),
-                   buckets={"s2": 64, "s1": 64, "l8": 32}, temporal_dropout=0.2),
-    "timesen2crop": dict(modalities=("s2",), batch_size=2048, patch_sizes=(10,),
-                         buckets={"s2": 40}, temporal_dropout=0.3),
-}
-
-
-def default_dataset_config(name: str) -> ml_collections.ConfigDict:
-  """The official settings of dataset ``name`` (fields: see the module docstring).
-
-  GeoPlex datasets (``GEOPLEX``): modalities, batch sizes, patch sizes and weights of the
-  original pretraining (its per-device batch sizes, here global), no temporal dropout except
-  PASTIS's 20 dates, crops of TreeSatAI ``aerial`` (300 px) and FLAIR ``aerial-flair`` (500 px).
-  Others: their fine-tuning settings (spec B.7, C.1). Bucket lengths: the longest series the
-  spec reports (C.3-C.12; FLAIR s2 114 rounded up to 120; PASTIS 20 = its count-style dropout,
-  so longer evaluation series are sub-sampled to 20), and our choices where it gives none:
-  TreeSatAI s2 160 / s1-asc 64 (the demo tile has 146 / 60 dates), SICKLE 64 / 64 / 32,
-  TimeSen2Crop 40 (paper: 29).
-  """
-  if name not in _DEFAULTS:
-    raise ValueError(f"no default configuration for {name!r}; known: {', '.join(_DEFAULTS)}")
-  d = dict(split="train", weight=1.0, crop={}, temporal_dropout=0.0, max_dates=None)
-  d.update(_DEFAULTS[name])
-  return ml_collections.ConfigDict(d)
 
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,92 +86,6 @@ def _seeds(seed: int, name: str, n: int) -> list[int]:
   """``n`` 32-bit seeds derived from the config seed and the dataset name."""
   state = np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(n)
   return [int(s) for s in state]
-
-
-def _per_modality(value: Any, modalities: Sequence[str]) -> dict[str, float]:
-  """A float for every modality, or a {modality: float} mapping (missing ones: 0)."""
-  if isinstance(value, Mapping | ml_collections.ConfigDict):
-    return {m: float(value.get(m, 0.0)) for m in modalities}
-  return {m: float(value or 0.0) for m in modalities}
-
-
-@dataclasses.dataclass(frozen=True)
-class ExampleProcessor:
-  """decode → validate → normalise → temporal dropout → crop → bucket, for one example.
-
-  Returns the processed example, or the ``DataError`` of a bad one (raised or counted by the
-  batching iterator, so that ``skip_bad`` can skip it). ``rng`` None = evaluation.
-  """
-
-  dataset: str
-  modalities: tuple[str, ...]
-  shapes: Mapping[str, tuple[int, int, int]]   # (C, H, W) per modality.
-  label_shape: tuple[int, ...] | None
-  stats: Mapping[str, normalization.Stats]
-  buckets: Mapping[str, int]
-  crop: Mapping[str, int]
-  dropout: Mapping[str, float]
-  max_dates: int | None
-
-  def decode(self, raw: Mapping[str, Any]) -> Example:
-    """The keys the pipeline uses; ``name`` as str."""
-    name = raw["name"]
-    ex: Example = {"name": name.decode() if isinstance(name, bytes) else str(name)}
-    for m in self.modalities:
-      for key in (m, m + mods.DATES_SUFFIX, m + mods.VALID_SUFFIX):
-        if key in raw:
-          ex[key] = np.asarray(raw[key])
-    if "label" in raw:
-      label = np.asarray(raw["label"])
-      ex["label"] = label.astype(np.float32 if label.dtype.kind == "f" else np.int32)
-    return ex
-
-  def problem(self, ex: Example) -> str | None:
-    """What is wrong with a decoded example, or None."""
-    for m in self.modalities:
-      if m not in ex:
-        return f"modality {m!r} missing"
-      x = ex[m]
-      temporal = mods.get(m).temporal
-      if x.ndim != 3 + temporal or x.shape[-3:] != self.shapes[m]:
-        want = ("T",) * temporal + self.shapes[m]
-        return f"{m}: shape {x.shape}, expected {want} (C, H, W as the dataset's first example)"
-      if not np.isfinite(x).all():
-        return f"{m}: contains NaN or inf"
-      valid = ex.get(m + mods.VALID_SUFFIX)
-      if valid is not None and valid.shape != x.shape:
-        return f"{m}{mods.VALID_SUFFIX}: shape {valid.shape} differs from {m}'s {x.shape}"
-      if temporal:
-        dates = ex.get(m + mods.DATES_SUFFIX)
-        if x.shape[0] == 0:
-          return f"{m}: no dates (T = 0)"
-        if dates is None or dates.shape != (x.shape[0],):
-          return f"{m}: dates missing or not of shape ({x.shape[0]},)"
-        if dates.min() < 0 or dates.max() > MAX_DAY:
-          return f"{m}: dates {dates.min()}..{dates.max()} outside 0..{MAX_DAY}"
-    if self.label_shape is not None:
-      if "label" not in ex:
-        return "label missing"
-      if ex["label"].shape != self.label_shape:
-        return f"label: shape {ex['label'].shape}, expected {self.label_shape}"
-    return None
-
-  def __call__(self, raw: Mapping[str, Any],
-               rng: np.random.Generator | None = None) -> Example | DataError:
-    ex = self.decode(raw)
-    problem = self.problem(ex)
-    if problem is not None:
-      return DataError(f"{self.dataset}: {problem}", example_id=ex["name"])
-    for m in self.modalities:
-      ex[m] = transforms.normalize(ex[m], self.stats[m].mean, self.stats[m].std)
-    if rng is not None:
-      for m in self.buckets:
-        ex = transforms.temporal_dropout(ex, m, rng, p=self.dropout[m], max_dates=self.max_dates)
-    for m, side in self.crop.items():
-      ex = transforms.crop(ex, m, side, rng)
-    for m, length in self.buckets.items():
-      ex = transforms.to_bucket(ex, m, length, rng)
-    return ex
 
 
 def _collate(examples: Sequence[Example], pad: Example | None, batch_size: int) -> Example:
@@ -342,85 +204,63 @@ def skipped(iterator: grain.DatasetIterator) -> int:
   return int(state["skipped"])
 
 
-def prepared_name(name: str, modalities: Sequence[str], data_dir: str) -> str:
-  """The prepared dataset holding ``modalities`` of ``name``: the one built with exactly
-  these modalities if present, else the full build."""
-  spec = registry.get_spec(name)
-  candidates = [spec.name]
-  if tuple(modalities) != tuple(spec.modalities):
-    candidates.insert(0, registry.get_spec(name, modalities).name)
-  for c in candidates:
-    if os.path.exists(os.path.join(data_dir, c, builders.VERSION, "dataset_info.json")):
-      return c
-  raise FileNotFoundError(f"{name}: not prepared in {data_dir} (looked for "
-                          f"{', '.join(candidates)}); run python -m input_pipeline.prepare or "
-                          "input_pipeline.prepare.ensure_prepared")
+def global_batch_size(name: str, dcfg: ml_collections.ConfigDict, *, shard_count: int,
+                      num_devices: int | None = None) -> int:
+  """The global batch size of dataset ``name`` from ``batch_size`` (global) or
+  ``per_device_batch`` (x ``num_devices``, the devices of the data axis).
+
+  Raises ``ValueError`` naming the dataset unless exactly one of the two is set, if
+  ``per_device_batch`` is set without ``num_devices``, or if the global batch does not divide
+  over the ``num_devices`` devices or the ``shard_count`` processes.
+  """
+  per_device, batch = dcfg.get("per_device_batch"), dcfg.get("batch_size")
+  if (per_device is None) == (batch is None):
+    raise ValueError(f"{name}: set exactly one of batch_size (global) and per_device_batch "
+                     f"(got batch_size={batch}, per_device_batch={per_device})")
+  if per_device is not None:
+    if num_devices is None:
+      raise ValueError(f"{name}: per_device_batch={per_device} needs the number of devices "
+                       "of the data axis (num_devices)")
+    batch = int(per_device) * int(num_devices)
+  batch = int(batch)
+  if batch < 1:
+    raise ValueError(f"{name}: batch size {batch} must be positive")
+  if num_devices is not None and batch % num_devices:
+    raise ValueError(f"{name}: global batch size {batch} does not divide over the "
+                     f"{num_devices} devices of the data axis")
+  if batch % shard_count:
+    raise ValueError(f"{name}: global batch size {batch} is not divisible by the "
+                     f"{shard_count} processes")
+  return batch
 
 
-def _processor(name: str, dcfg: ml_collections.ConfigDict, first: Mapping[str, Any],
-               stats_path: str) -> ExampleProcessor:
-  """The example processor of a dataset, with reference shapes from its first example."""
-  modalities = tuple(dcfg.modalities)
-  buckets = {m: int(t) for m, t in dict(dcfg.buckets).items()}
-  for m in modalities:
-    if mods.get(m).temporal and m not in buckets:
-      raise ValueError(f"{name}: time series {m!r} has no bucket length (config buckets)")
-  unknown = set(buckets) - {m for m in modalities if mods.get(m).temporal}
-  if unknown:
-    raise ValueError(f"{name}: buckets {sorted(unknown)} are not time series of {modalities}")
-  missing = [m for m in modalities if m not in first]
-  if missing:
-    raise ValueError(f"{name}: the prepared data has no {missing}")
-  shapes = {m: tuple(int(s) for s in np.shape(first[m])[-3:]) for m in modalities}
-  crop = {}
-  for m, side in dict(dcfg.get("crop") or {}).items():
-    if m not in modalities:
-      raise ValueError(f"{name}: crop of {m!r}, which is not among {modalities}")
-    if side > min(shapes[m][1:]):
-      logging.getLogger(__name__).warning(
-          "%s: %s is %s px, smaller than its %d px crop; not cropped", name, m, shapes[m][1:],
-          side)
-      continue
-    crop[m] = int(side)
-  label_shape = tuple(np.shape(first["label"])) if "label" in first else None
-  if label_shape is not None and len(label_shape) == 2:
-    for m in crop:
-      if label_shape != shapes[m][1:]:
-        logging.getLogger(__name__).warning(
-            "%s: label map %s differs from %s's %s, so it is not cropped with it", name,
-            label_shape, m, shapes[m][1:])
-  return ExampleProcessor(
-      dataset=name, modalities=modalities, shapes=shapes, label_shape=label_shape,
-      stats={m: normalization.load_stats(name, m, stats_path) for m in modalities},
-      buckets=buckets, crop=crop,
-      dropout=_per_modality(dcfg.get("temporal_dropout", 0.0), list(buckets)),
-      max_dates=dcfg.get("max_dates"))
+def open_split(config: ml_collections.ConfigDict, name: str) -> tuple[str, Sequence[Example]]:
+  """(prepared name, random-access source) of ``config.datasets[name]``'s split."""
+  dcfg = config.datasets[name]
+  built = naming.prepared_name(name, dcfg.modalities, config.data_dir)
+  splits = builders.data_sources(built, config.data_dir)
+  if dcfg.split not in splits:
+    raise ValueError(f"{name}: split {dcfg.split!r} is empty or missing (have {sorted(splits)})")
+  return built, splits[dcfg.split]
 
 
-def dataset_pipeline(config: ml_collections.ConfigDict, name: str, *, training: bool = True,
-                     shard_index: int | None = None,
-                     shard_count: int | None = None) -> grain.IterDataset:
-  """The batched pipeline of ``config.datasets[name]`` for this process (see the module doc).
+def dataset_pipeline(config: ml_collections.ConfigDict, name: str, *, shard_index: int,
+                     shard_count: int, training: bool = True,
+                     num_devices: int | None = None) -> grain.IterDataset:
+  """The batched pipeline of ``config.datasets[name]`` for process ``shard_index`` of
+  ``shard_count`` (see the module doc); ``num_devices``: see ``global_batch_size``.
 
   Iterating gives ``BatchIterator`` batches (behind a thread prefetch); training iterators are
   infinite, evaluation ones yield ``ceil(ceil(N / shard_count) / per-process batch)`` batches.
   """
-  if shard_index is None or shard_count is None:
-    shard_index, shard_count = jax.process_index(), jax.process_count()
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard index {shard_index} not in [0, {shard_count})")
   dcfg = config.datasets[name]
-  if dcfg.batch_size % shard_count:
-    raise ValueError(f"{name}: batch size {dcfg.batch_size} is not divisible by the "
-                     f"{shard_count} processes")
-  per_process = dcfg.batch_size // shard_count
-  built = prepared_name(name, dcfg.modalities, config.data_dir)
-  splits = builders.data_sources(built, config.data_dir)
-  if dcfg.split not in splits:
-    raise ValueError(f"{name}: split {dcfg.split!r} is empty or missing (have {sorted(splits)})")
-  source = splits[dcfg.split]
-  process = _processor(name, dcfg, source[0],
-                       normalization.stats_file(config.data_dir, built))
+  per_process = global_batch_size(name, dcfg, shard_count=shard_count,
+                                  num_devices=num_devices) // shard_count
+  built, source = open_split(config, name)
+  process = processing.build_processor(name, dcfg, source[0],
+                                       normalization.stats_file(config.data_dir, built))
   ds = grain.MapDataset.source(source)[shard_index::shard_count]
   if len(ds) == 0:
     raise ValueError(f"{name}: shard {shard_index} of {shard_count} is empty "

@@ -15,13 +15,12 @@ Two places hold statistics, both ``{modality: {"mean": [...], "std": [...], "sou
 - shipped with the package, ``input_pipeline/normalization.json`` (``{dataset: {modality: ...}}``):
   the official TreeSatAI constants of the AnySat demo (``aerial``, ``s2``, 3-channel ``s1``) and,
   for every other (dataset, modality), statistics computed on the shipped or generated sample,
-  marked as such in ``source``. Regenerate it with ``--package``.
+  marked as such in ``source``. ``python -m input_pipeline.package_stats`` regenerates it.
 
 ``load_stats`` picks, in order: official constants, the prepared dataset's file, the package's
 sample statistics (with a warning: sample statistics are a stand-in for real data).
 
   python -m input_pipeline.normalization NAME [NAME ...] --data_dir=DIR [--split=train]
-  python -m input_pipeline.normalization --package
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from anysat_jax.core import modalities as mods
+from input_pipeline import builders, naming
 from input_pipeline.dataset_spec import Example
 
 STATS_FILE = "normalization.json"
@@ -118,13 +118,11 @@ def compute_stats(source: Sequence[Example], modalities: Sequence[str], *,
 
 
 def stats_file(data_dir: str, name: str) -> str:
-  """The statistics file of the prepared dataset ``name`` (``builders`` layout)."""
-  from input_pipeline import builders  # Not at the top: builders imports TFDS.
-
-  return os.path.join(data_dir, name, builders.VERSION, STATS_FILE)
+  """The statistics file of the prepared dataset ``name`` (``naming`` layout)."""
+  return os.path.join(naming.prepared_dir(data_dir, name), STATS_FILE)
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
   """Writes ``obj`` atomically (temporary file + rename), each list of numbers on one line."""
   text = re.sub(r"\[([^\[\]{}\"]*)\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
                 json.dumps(obj, indent=1))
@@ -138,7 +136,7 @@ def _write_json(path: str, obj: Any) -> None:
 
 def write_stats(path: str, stats: Mapping[str, Stats]) -> None:
   """Writes ``{modality: stats}`` to ``path`` as JSON."""
-  _write_json(path, {m: s.to_json() for m, s in stats.items()})
+  write_json(path, {m: s.to_json() for m, s in stats.items()})
 
 
 def read_stats(path: str) -> dict[str, Stats]:
@@ -177,67 +175,17 @@ def load_stats(dataset: str, modality: str, path: str | None = None) -> Stats:
   return shipped[modality]
 
 
-# The demo's TreeSatAI constants (spec D), used as (x - mean) / std.
-TREESATAI_DEMO = {
-    "aerial": ([150.89349365234375, 92.7138900756836, 84.85437774658203, 80.70423889160156],
-               [36.764923095703125, 27.62498664855957, 22.479450225830078, 26.733688354492188]),
-    "s2": ([4304.32958984375, 4159.2666015625, 4057.776611328125, 4328.951171875,
-            4571.22119140625, 4644.87109375, 4837.2470703125, 4700.2578125, 2823.264404296875,
-            2319.97021484375],
-           [3537.99755859375, 3324.23486328125, 3270.070068359375, 3250.530029296875,
-            2897.391357421875, 2754.4970703125, 2821.521484375, 2625.952392578125,
-            1731.56298828125, 1549.3028564453125]),
-    "s1": ([3.2893013954162598, -3.682938814163208, 0.6116273403167725],
-           [40.11152267456055, 40.535335540771484, 1.0343183279037476]),
-}
-
-
-def write_package_file(path: str = PACKAGE_FILE) -> dict[str, dict[str, Stats]]:
-  """Recomputes the package's statistics from the samples (prepared into a temporary folder)."""
-  from input_pipeline import builders, prepare  # Not at the top: prepare imports this module.
-  from input_pipeline.datasets import registry
-
-  out: dict[str, dict[str, Stats]] = {}
-  with tempfile.TemporaryDirectory() as data_dir:
-    for dataset in registry.names():
-      spec = registry.get_spec(dataset)
-      # FLAIR: aerial-flair from the real aerial patches, not from the synthetic FLAIR-2 sample.
-      groups = ([("aerial-flair",), ("s2",)] if dataset == "flair" else [tuple(spec.modalities)])
-      per: dict[str, Stats] = {}
-      for group in groups:
-        name = prepare.ensure_prepared(dataset, data_dir, modalities=group, with_stats=False)
-        sources = builders.data_sources(name, data_dir)
-        split = prepare.stats_split(sources)
-        for m, s in compute_stats(sources[split], group).items():
-          kind = GENERATED if prepare.sample_kind(dataset, m) == "generated" else SHIPPED
-          per[m] = dataclasses.replace(s, source=kind)
-      if dataset == "treesatai_ts":
-        per.update({m: Stats(np.asarray(mean, np.float32), np.asarray(std, np.float32), OFFICIAL)
-                    for m, (mean, std) in TREESATAI_DEMO.items()})
-      out[dataset] = per
-  _write_json(path, {ds: {m: s.to_json() for m, s in per.items()} for ds, per in out.items()})
-  return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; returns the exit status."""
   parser = argparse.ArgumentParser(prog="python -m input_pipeline.normalization",
                                    description=__doc__.split("\n")[0])
-  parser.add_argument("names", nargs="*", help="prepared datasets (as named under data_dir)")
+  parser.add_argument("names", nargs="+", help="prepared datasets (as named under data_dir)")
   parser.add_argument("--data_dir", help="where the prepared datasets are")
   parser.add_argument("--split", default="train", help="split to compute the statistics on")
   parser.add_argument("--max_examples", type=int, help="evenly spaced subset of the split")
-  parser.add_argument("--package", action="store_true",
-                      help=f"recompute {PACKAGE_FILE} from the samples")
   args = parser.parse_args(argv)
-  if args.package:
-    for ds, per in write_package_file().items():
-      print(f"{ds}: " + ", ".join(f"{m} ({s.source})" for m, s in per.items()))
-    return 0
-  if not args.names or not args.data_dir:
-    parser.error("give dataset names and --data_dir, or --package")
-  from input_pipeline import builders
-
+  if not args.data_dir:
+    parser.error("give --data_dir")
   for name in args.names:
     source = builders.data_sources(name, args.data_dir)[args.split]
     modalities = [k for k in source[0] if k in mods.MODALITIES]

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 
 import tensorflow_datasets as tfds
 
-from input_pipeline import builders, normalization
+from input_pipeline import builders, naming, normalization
 from input_pipeline.dataset_spec import DataError
 from input_pipeline.datasets import registry
 from input_pipeline.samples import generate
@@ -102,8 +102,8 @@ def ensure_prepared(dataset: str, data_dir: str, *, modalities: Sequence[str] | 
   build goes to a temporary folder that is renamed into place.
   """
   spec = registry.get_spec(dataset, modalities)
-  path = os.path.join(data_dir, spec.name, builders.VERSION)
-  if not os.path.exists(os.path.join(path, "dataset_info.json")):
+  path = naming.prepared_dir(data_dir, spec.name)
+  if not naming.is_prepared(data_dir, spec.name):
     manual_dir = manual_dir or sample_dir(dataset, data_dir, modalities, seed)
     os.makedirs(data_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=data_dir, prefix=".tmp-")
@@ -112,7 +112,7 @@ def ensure_prepared(dataset: str, data_dir: str, *, modalities: Sequence[str] | 
       os.makedirs(os.path.dirname(path), exist_ok=True)
       os.rename(report.path, path)
     except OSError:
-      if not os.path.exists(os.path.join(path, "dataset_info.json")):
+      if not naming.is_prepared(data_dir, spec.name):
         raise
     finally:
       shutil.rmtree(tmp, ignore_errors=True)

@@ -21,8 +21,9 @@ import pytest
 import tifffile
 from PIL import Image
 
+from anysat_jax.core import dates
 from input_pipeline.dataset_spec import DataError, check_example
-from input_pipeline.datasets import bradd_s1ts, planted, registry, s2naip_urban
+from input_pipeline.datasets import planted, registry, s2naip_urban
 from input_pipeline.samples import generate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -98,12 +99,12 @@ def test_planted(roots):
       "name", "label", "s2", "s2_dates", "s2_valid"}
 
 
-def test_planted_utc_day_of_year():
+def test_utc_day_of_year():
   stamps = ["2020-12-31T23:30:00", "2021-01-01T00:30:00", "2020-02-29T12:00:00",
             "1969-12-31T12:00:00"]
   ms = [int(datetime.datetime.fromisoformat(s).replace(tzinfo=datetime.UTC).timestamp() * 1000)
         for s in stamps]
-  np.testing.assert_array_equal(planted.utc_day_of_year(np.array(ms)), [366, 1, 60, 365])
+  np.testing.assert_array_equal(dates.utc_day_of_year(np.array(ms)), [366, 1, 60, 365])
 
 
 def test_planted_ratio_clipped():
@@ -230,10 +231,17 @@ def test_bradd_s1ts(roots):
       assert last[ex["label"] == 1].mean() < 0.7 * last[ex["label"] == 0].mean()
 
 
-def test_bradd_date_formats():
+def test_day_of_year_formats():
+  """The one date parser of the readers: date objects, ISO, YYYYMMDD, names holding a date."""
   for d in (datetime.date(2020, 3, 1), datetime.datetime(2020, 3, 1, 13, 5), "2020-03-01",
-            "2020-03-01T13:05:00", 20200301, "20200301"):
-    assert bradd_s1ts.day_of_year(d) == 61
+            "2020-03-01T13:05:00", 20200301, "20200301", b"S2A_MSIL2A_20200301T102421_N0214",
+            " 2020-03-01\n"):
+    assert dates.day_of_year(d) == 61, d
+  assert dates.day_of_year("20211231") == 365 and dates.day_of_year("2020-12-31") == 366
+  with pytest.raises(ValueError, match="not a date.*'March'"):
+    dates.day_of_year("March")
+  with pytest.raises(ValueError, match="not a valid date: '20201301'"):
+    dates.day_of_year("20201301")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tifffile
 
-from input_pipeline import builders, loader, mixture, normalization, prepare, transforms
+from configs.common import GEOPLEX, default_dataset_config
+from input_pipeline import builders, loader, mixture, naming, normalization, prepare, transforms
 from input_pipeline.dataset_spec import DataError
 from input_pipeline.datasets import registry
 
@@ -44,12 +45,14 @@ def data_dir(tmp_path_factory) -> str:
 
 
 def _config(data_dir: str, names=tuple(BATCH), **overrides) -> ml_collections.ConfigDict:
+  """Global batches of BATCH; i.i.d. mixture (the TreeSatAI sample holds no full batch of 4)."""
   cfg = ml_collections.ConfigDict(dict(data_dir=data_dir, seed=3, skip_bad=False,
-                                       read_threads=2, prefetch_batches=1))
+                                       read_threads=2, prefetch_batches=1,
+                                       mixture=dict(kind="iid")))
   cfg.datasets = ml_collections.ConfigDict()
   for n in names:
-    cfg.datasets[n] = loader.default_dataset_config(n)
-    cfg.datasets[n].batch_size = BATCH[n]
+    cfg.datasets[n] = default_dataset_config(n)
+    cfg.datasets[n].batch_size, cfg.datasets[n].per_device_batch = BATCH[n], None
   cfg.update(overrides)
   return cfg
 
@@ -74,7 +77,7 @@ def _signature(batch: dict) -> dict:
 
 
 def test_ensure_prepared_is_idempotent(data_dir):
-  info = os.path.join(data_dir, "planted", builders.VERSION, "dataset_info.json")
+  info = os.path.join(data_dir, "planted", naming.VERSION, "dataset_info.json")
   before = os.stat(info).st_mtime_ns
   assert prepare.ensure_prepared("planted", data_dir) == "planted"
   assert os.stat(info).st_mtime_ns == before
@@ -195,7 +198,7 @@ def test_static_shapes_over_two_epochs(data_dir, name):
 
 
 def test_mixture_shapes_per_dataset_and_patch_size(data_dir):
-  cfg = _config(data_dir, loader.GEOPLEX)
+  cfg = _config(data_dir, GEOPLEX)
   signatures: dict[tuple[str, int], list] = {}
   it = mixture.mixture(cfg, shard_index=0, shard_count=1)
   try:
@@ -209,31 +212,18 @@ def test_mixture_shapes_per_dataset_and_patch_size(data_dir):
   assert all(s == sigs[0] for sigs in signatures.values() for s in sigs)
 
 
-def test_mixture_follows_weights():
-  weights = {n: loader.default_dataset_config(n).weight for n in loader.GEOPLEX}
-  assert weights == {"treesatai_ts": 1, "pastis_hd": 1, "flair": 1, "planted": 2,
-                     "s2naip_urban": 4}
-  patches = {n: tuple(loader.default_dataset_config(n).patch_sizes) for n in loader.GEOPLEX}
-  draws = [mixture.choose(7, s, weights, patches) for s in range(2000)]
-  assert draws == [mixture.choose(7, s, dict(reversed(weights.items())), patches)
-                   for s in range(2000)]
-  for n, w in weights.items():
-    assert abs(sum(d == n for d, _ in draws) / 2000 - w / 9) < 0.03, n
-  s2naip = [p for d, p in draws if d == "s2naip_urban"]
-  for p in (40, 80, 160):
-    assert abs(s2naip.count(p) / len(s2naip) - 1 / 3) < 0.06
-  assert draws != [mixture.choose(8, s, weights, patches) for s in range(2000)]
-
-
 def _assert_same(a, b):
   assert a[:2] == b[:2] and a[2].keys() == b[2].keys()
   for k in a[2]:
     np.testing.assert_array_equal(a[2][k], b[2][k], err_msg=k)
 
 
-def test_restore_continues_exactly(data_dir, tmp_path):
-  names = ["treesatai_ts", "pastis_hd", "planted", "timesen2crop"]
-  cfg = _config(data_dir, names)
+@pytest.mark.parametrize("kind", ["iid", "epoch"])
+def test_restore_continues_exactly(data_dir, tmp_path, kind):
+  names = ["pastis_hd", "planted", "timesen2crop"] + (["treesatai_ts"] if kind == "iid" else [])
+  # Epoch mode: epochs of 4 steps, so the 16 steps cross epoch boundaries before and after the
+  # checkpoint.
+  cfg = _config(data_dir, names, mixture=dict(kind=kind, epoch_steps=4))
   it = mixture.mixture(cfg, shard_index=0, shard_count=1)
   for _ in range(7):
     next(it)
@@ -242,6 +232,7 @@ def test_restore_continues_exactly(data_dir, tmp_path):
   mngr.save(7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
   mngr.wait_until_finished()
   expected = [next(it) for _ in range(9)]
+  assert it.epoch == (0 if kind == "iid" else 3)
   it.close()
   for restore in ("set_state", "orbax"):
     it2 = mixture.mixture(cfg, shard_index=0, shard_count=1)
@@ -337,7 +328,7 @@ def test_shards_are_disjoint(data_dir):
                for ex in builders.data_sources("timesen2crop", data_dir)["train"]}
   assert not seen[0] & seen[1] and seen[0] | seen[1] == all_names
   assert steps[0] == steps[1]  # Same (dataset, patch size) at every step on every process.
-  with pytest.raises(ValueError, match="not divisible"):
+  with pytest.raises(ValueError, match="pastis_hd: global batch size 2 is not divisible"):
     loader.dataset_pipeline(_config(data_dir, ["pastis_hd"]), "pastis_hd", shard_index=0,
                             shard_count=3)
 
@@ -382,9 +373,11 @@ def test_transforms():
 
 def test_default_configs():
   for name in registry.names():
-    c = loader.default_dataset_config(name)
-    assert c.batch_size > 0 and c.patch_sizes and c.split == "train"
-  assert loader.default_dataset_config("pastis_hd").max_dates == 20
-  assert dict(loader.default_dataset_config("treesatai_ts").crop) == {"aerial": 300}
+    c = default_dataset_config(name)
+    batch = c.per_device_batch if name in GEOPLEX else c.batch_size
+    assert batch > 0 and c.patch_sizes and c.split == "train"
+  assert [default_dataset_config(n).per_device_batch for n in GEOPLEX] == [128, 1, 32, 256, 2]
+  assert default_dataset_config("pastis_hd").max_dates == 20
+  assert dict(default_dataset_config("treesatai_ts").crop) == {"aerial": 300}
   with pytest.raises(ValueError, match="no default"):
-    loader.default_dataset_config("nope")
+    default_dataset_config("nope")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -67,9 +68,14 @@ def _rectangle(idx, side):
   return (int(h), int(w)) if h * w == idx.size else None
 
 
+def _block_length(cells: np.ndarray) -> int:
+  """Length of the ascending prefix of a padded ``tgt_idx`` row (the block's cells)."""
+  return 1 + int(np.argmin(np.append(np.diff(cells) > 0, False)))
+
+
 @pytest.mark.parametrize("side,batch", [(1, 3), (2, 4), (3, 16), (6, 32), (10, 8), (32, 1)])
 def test_block_masks_structure(side, batch):
-  out = masking.sample_block_masks(np.random.default_rng(side), batch, side, CFG)
+  out = masking.block_masks(side, 0, range(batch), side, CFG)
   k_ctx, k_tgt = masking.mask_sizes(side, CFG)
   ctx, tgt, valid = out["ctx_idx"], out["tgt_idx"], out["tgt_valid"]
   assert ctx.shape == (batch, k_ctx) and ctx.dtype == np.int32
@@ -81,23 +87,47 @@ def test_block_masks_structure(side, batch):
   for b in range(batch):
     assert np.all(np.diff(ctx[b]) > 0) and ctx[b].min() >= 0 and ctx[b].max() < side * side
     for k in range(4):
-      n = valid[k, b].sum()
-      assert valid[k, b, :n].all() and not valid[k, b, n:].any()     # valid prefix, then padding
-      assert np.all(tgt[k, b, n:] == 0)
+      n = _block_length(tgt[k, b])
+      assert not valid[k, b, n:].any() and np.all(tgt[k, b, n:] == 0)   # padding
       cells = tgt[k, b, :n]
-      assert np.all(np.diff(cells) > 0)                               # raster ascending
       assert _rectangle(cells, side) in {(int(h), int(w)) for h, w in reachable}
+      # Every cell of the block is predicted unless it is a context cell.
+      np.testing.assert_array_equal(valid[k, b, :n], ~np.isin(cells, ctx[b]))
 
 
-def test_block_masks_deterministic_and_per_block_sizes():
-  a = masking.sample_block_masks(np.random.default_rng(7), 16, 8, CFG)
-  b = masking.sample_block_masks(np.random.default_rng(7), 16, 8, CFG)
-  c = masking.sample_block_masks(np.random.default_rng(8), 16, 8, CFG)
+def test_block_masks_deterministic_per_row_and_per_block_sizes():
+  a = masking.block_masks(7, 3, range(16), 8, CFG)
+  b = masking.block_masks(7, 3, range(16), 8, CFG)
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])
-  assert not np.array_equal(a["tgt_idx"], c["tgt_idx"])
+  for other in (masking.block_masks(8, 3, range(16), 8, CFG),
+                masking.block_masks(7, 4, range(16), 8, CFG)):
+    assert not np.array_equal(a["tgt_idx"], other["tgt_idx"])
+  # A process drawing rows 8..15 gets exactly those rows of the global draw, and they differ
+  # from rows 0..7 (what another process holds).
+  second = masking.block_masks(7, 3, range(8, 16), 8, CFG)
+  np.testing.assert_array_equal(second["ctx_idx"], a["ctx_idx"][8:])
+  np.testing.assert_array_equal(second["tgt_idx"], a["tgt_idx"][:, 8:])
+  assert not np.array_equal(second["tgt_idx"], a["tgt_idx"][:, :8])
   counts = a["tgt_valid"].sum(-1)                                     # (4, B)
   assert np.any(counts.min(0) != counts.max(0))                       # sizes differ per block
+
+
+@pytest.mark.parametrize("side", [3, 4, 5, 6, 8, 10, 16, 32])
+def test_no_context_cell_is_a_target(side):
+  """The GeoPlex grids: a context cell is never a valid target cell (leak exactly 0), also when
+  the targets cover the grid and the context must take target cells."""
+  masks = masking.block_masks(1, side, range(32), side, CFG)
+  assert masking.leak(masks) == 0.0
+  big = MaskConfig(target_scale=(0.7, 0.8), context_fraction=0.3)
+  masks = masking.block_masks(2, side, range(32), side, big)
+  assert masking.leak(masks) == 0.0
+  # Those contexts did take target cells (the leak the removal prevents).
+  raw = [np.isin(masks["ctx_idx"][b], masks["tgt_idx"][:, b]) for b in range(32)]
+  assert np.mean(raw) > 0.05
+  hand = {"ctx_idx": np.array([[1, 2]]), "tgt_idx": np.array([[[2, 3]]]),
+          "tgt_valid": np.array([[[True, True]]])}
+  assert masking.leak(hand) == 0.5
 
 
 def test_context_avoids_targets_when_possible():
@@ -105,7 +135,7 @@ def test_context_avoids_targets_when_possible():
   side = 16
   k_ctx = masking.mask_sizes(side, CFG)[0]
   cfg = MaskConfig(target_scale=(0.05, 0.1))
-  out = masking.sample_block_masks(np.random.default_rng(0), 8, side, cfg)
+  out = masking.block_masks(0, 0, range(8), side, cfg)
   h_ctx = int(masking.block_shape(0.5, side, cfg.context_scale, (1.0, 1.0))[0])
   for b in range(8):
     tgt = out["tgt_idx"][:, b][out["tgt_valid"][:, b]]
@@ -161,26 +191,58 @@ def test_modality_mask_counts():
   np.testing.assert_array_equal(vis, again)
 
 
-def test_temporal_mask_prefers_real_dates():
-  date_mask = np.zeros((3, 8), np.float32)
+def test_select_dates_keeps_real_dates_per_sample():
+  rng = np.random.default_rng(0)
+  date_mask = np.zeros((4, 8), np.float32)
   date_mask[0] = 1                                    # 8 real dates
-  date_mask[1, :2] = 1                                # 2 real: both kept, + 2 padded
-  date_mask[2, [1, 4, 6, 7]] = 1                      # exactly T_keep real
-  for seed in range(4):
-    idx, valid = masking.temporal_mask(jax.random.key(seed), 3, 8, date_mask)
-    idx, valid = np.asarray(idx), np.asarray(valid)
-    assert idx.shape == valid.shape == (3, 4) and idx.dtype == np.int32
-    assert np.all(np.diff(idx, axis=1) > 0)
-    np.testing.assert_array_equal(valid, date_mask[np.arange(3)[:, None], idx] != 0)
-    assert valid[0].all() and valid[1].sum() == 2 and set(idx[1, :2]) == {0, 1}
-    np.testing.assert_array_equal(idx[2], [1, 4, 6, 7])
-  idx, valid = masking.temporal_mask(jax.random.key(0), 2, 5)
-  assert idx.shape == (2, 2) and np.asarray(valid).all()
-  assert masking.kept_dates(1) == 1 and masking.kept_dates(7) == 3
-  # Without a mask every date is equally likely.
-  idx, _ = masking.temporal_mask(jax.random.key(3), 4000, 6)
-  np.testing.assert_allclose(np.bincount(np.asarray(idx).ravel(), minlength=6) / 4000, 0.5,
-                             atol=0.04)
+  date_mask[1, :2] = 1                                # 2 real
+  date_mask[2, [1, 4, 6, 7]] = 1                      # 4 real, not in front
+  for _ in range(20):                                 # row 3: none real
+    noise = rng.random((4, 9))
+    idx, valid = masking.select_dates(noise, date_mask, 0.5)
+    assert idx.shape == valid.shape == (4, 4) and idx.dtype == np.int32
+    real = date_mask[np.arange(4)[:, None], idx] != 0
+    assert not (valid & ~real).any()                                  # only real dates kept
+    np.testing.assert_array_equal(valid.sum(1), [4, 1, 2, 0])         # half of each's real
+    for b in range(4):
+      n = valid[b].sum()
+      assert np.all(np.diff(idx[b, :n]) > 0) and np.all(np.diff(idx[b, n:]) > 0)
+      assert len(set(idx[b])) == 4
+    jidx, jvalid = jax.jit(lambda x, m: masking.select_dates(x, m, 0.5, xp=jnp))(noise, date_mask)
+    np.testing.assert_array_equal(jidx, idx)
+    np.testing.assert_array_equal(jvalid, valid)
+  idx, valid = masking.select_dates(rng.random((2, 7)), None, 0.5)    # 6 dates, all real
+  assert idx.shape == (2, 3) and valid.sum(1).tolist() == [3, 3]
+  assert masking.kept_dates(1) == 1 and masking.kept_dates(7) == 4
+
+
+@pytest.mark.parametrize("bucket", [8, 20, 60])
+def test_temporal_keep_is_half_of_each_samples_real_dates(bucket):
+  """Series with few real dates in a long bucket keep 0.5 +- 0.05 of them on average, per
+  sample count (the bucket-level rule kept them all); the kept dates are uniform."""
+  rng = np.random.default_rng(bucket)
+  for n_real in (2, 3, 4, 5):
+    rows = 2000
+    date_mask = np.zeros((rows, bucket), bool)
+    date_mask[:, :n_real] = True
+    idx, valid = masking.select_dates(rng.random((rows, bucket + 1)), date_mask, 0.5)
+    kept = valid.sum(1) / n_real
+    assert abs(kept.mean() - 0.5) < 0.05, (n_real, kept.mean())
+    assert kept.min() > 0 and kept.max() <= 1
+    hits = np.bincount(idx[valid], minlength=bucket)[:n_real] / rows
+    np.testing.assert_allclose(hits, 0.5, atol=0.06)
+
+
+def test_sample_temporal_masks_in_jit():
+  date_mask = np.zeros((3, 10), np.float32)
+  date_mask[:, :4] = 1
+  inputs = {"s2": np.zeros((3, 10, 1, 1, 1), np.float32), "s2_dates": np.ones((3, 10), np.int32),
+            "s2_mask": date_mask}
+  idx, valid = jax.jit(masking.sample_temporal_masks, static_argnums=2)(
+      jax.random.key(0), inputs, 0.5)["s2"]
+  idx, valid = np.asarray(idx), np.asarray(valid)
+  assert idx.shape == (3, 5) and valid.sum(1).max() <= 3 and valid.sum(1).min() >= 1
+  assert np.all(idx[valid] < 4)
 
 
 def test_apply_temporal_mask():
@@ -206,8 +268,9 @@ def test_apply_temporal_mask():
   np.testing.assert_array_equal(
       out["s2_valid"], np.broadcast_to(inputs["s2_valid"], inputs["s2"].shape)[rows, idx])
   np.testing.assert_array_equal(out["s2_mask"], valid.astype(np.float32))
-  assert out["s2_mask"].dtype == np.float32 and valid.all()           # 4 real dates >= T_keep 3
-  assert out["modis"].shape == (b, 2, 7, 1, 1) and "modis_mask" not in out
+  assert out["s2_mask"].dtype == np.float32
+  np.testing.assert_array_equal(valid.sum(1), [2, 3])                # half of 4 and of 6 real
+  assert out["modis"].shape == (b, 2, 7, 1, 1) and out["modis_mask"].dtype == np.float32
   jitted = jax.jit(lambda k, x: masking.apply_temporal_mask(
       x, masking.sample_temporal_masks(k, x, 0.5)))(jax.random.key(0), inputs)
   np.testing.assert_array_equal(jitted["s2"], out["s2"])

@@ -110,3 +110,9 @@ def get(name: str) -> Modality:
 def modality_keys(inputs) -> list[str]:
   """Modality names of an input dict, in its key order, auxiliary keys removed."""
   return [k for k in inputs if not k.endswith(AUX_SUFFIXES)]
+
+
+def grid_side(name: str, pixels: int, patch_m: float) -> int:
+  """Patches per side of a tile of ``pixels`` pixels of modality ``name`` cut into patches of
+  ``patch_m`` metres (the side of the pretraining masks' grid)."""
+  return round(pixels * get(name).gsd / patch_m)

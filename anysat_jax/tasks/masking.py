@@ -1,8 +1,10 @@
-"""Pretraining masks: multi-block patch masks (host, NumPy), modality and temporal masks (in jit).
+"""Pretraining masks: multi-block patch masks (host, NumPy, one random stream per batch row),
+modality and temporal masks (in jit; the temporal selection also runs in NumPy).
 
 Every output has a static shape per (grid side, config): a g x g patch grid always yields K_ctx
-context cells and K_tgt (padded) cells per target block, see ``mask_sizes``. Patch indices are
-raster indices ``row * g + col`` of the patch grid.
+context cells and K_tgt (padded) cells per target block, see ``mask_sizes``; a series of T dates
+keeps ``kept_dates(T)`` slots with a validity mask. Patch indices are raster indices
+``row * g + col`` of the patch grid. docs/recipe.md compares them with the official masks.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from anysat_jax.core import modalities as mods
+from anysat_jax.core import streams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +34,8 @@ class MaskConfig:
     context_scale: range of the (square) context block's area, fraction of the grid area.
     context_fraction: K_ctx = max(1, round(g**2 * context_fraction)) context cells per sample.
     modality_ratio: fraction of the non-guaranteed context tokens replaced by the mask token.
-    temporal_keep: fraction of the dates kept in every student time series.
+    temporal_keep: fraction of each sample's real dates kept in the student's time series
+      (in expectation, at least one; ``select_dates``).
     max_tries: consecutive failed context draws before one more target stops constraining it.
   """
 
@@ -135,11 +140,32 @@ def _context_cells(rng: np.random.Generator, side: int, targets: list[np.ndarray
   return np.sort(np.concatenate([cand_idx, outside, rest]))
 
 
-def sample_block_masks(rng: np.random.Generator, batch_size: int, side: int,
-                       cfg: MaskConfig) -> dict[str, np.ndarray]:
-  """Multi-block masks of one batch on a ``side`` x ``side`` patch grid (host-side NumPy).
+def _sample_masks(rng: np.random.Generator, side: int, cfg: MaskConfig, k_ctx: int, k_tgt: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """One sample's (ctx (K_ctx,), tgt (T, K_tgt), tgt_valid (T, K_tgt)); see ``block_masks``."""
+  t = cfg.num_targets
+  tgt = np.zeros((t, k_tgt), np.int32)
+  valid = np.zeros((t, k_tgt), bool)
+  hs, ws = block_shape(rng.random(t), side, cfg.target_scale, cfg.target_aspect)
+  targets = [_random_block(rng, side, int(h), int(w)) for h, w in zip(hs, ws, strict=True)]
+  ctx = _context_cells(rng, side, targets, k_ctx, cfg)
+  for k, cells in enumerate(targets):
+    idx = np.flatnonzero(cells)
+    tgt[k, :idx.size] = idx
+    valid[k, :idx.size] = ~np.isin(idx, ctx)        # A context cell is not predicted.
+  return ctx, tgt, valid
 
-  Per sample (all randomness from ``rng``, so the result is deterministic given its state):
+
+def block_masks(seed: int, step: int, rows: Sequence[int], side: int, cfg: MaskConfig
+                ) -> dict[str, np.ndarray]:
+  """Multi-block masks of the batch rows ``rows`` (global row indices) of step ``step`` on a
+  ``side`` x ``side`` patch grid (host-side NumPy).
+
+  Row ``r`` draws from its own stream ``streams.rng(seed, streams.BLOCK_MASKS, step, r)``, so a
+  row's masks depend only on (seed, step, r): not on the dataset draw of the step, nor on which
+  process holds the row (a process draws its own rows; 1 or N processes give the same masks).
+
+  Per sample:
   * ``num_targets`` target blocks, each with its own uniform u -> (h, w) by ``block_shape`` and a
     uniform position; cells in ascending raster order, padded to K_tgt with index 0 and
     ``tgt_valid`` False.
@@ -148,26 +174,29 @@ def sample_block_masks(rng: np.random.Generator, batch_size: int, side: int,
     the last still-constraining target is ignored (official relaxation).
   * exactly K_ctx context cells: a uniform random subset of those candidates; if there are fewer
     than K_ctx, all candidates plus random cells outside every target, then (only if that is
-    still short) random cells of the targets. Returned sorted.
+    still short) random cells of the targets, which are then removed from the targets
+    (``tgt_valid`` False): no context cell is ever a target cell. Returned sorted.
 
   Returns:
     ``ctx_idx`` int32 (B, K_ctx), ``tgt_idx`` int32 (T, B, K_tgt), ``tgt_valid`` bool
-    (T, B, K_tgt), with (K_ctx, K_tgt) = ``mask_sizes(side, cfg)`` and T = ``num_targets``.
+    (T, B, K_tgt), with B = len(rows), (K_ctx, K_tgt) = ``mask_sizes(side, cfg)`` and
+    T = ``num_targets``.
   """
+  if len(rows) == 0:
+    raise ValueError("block_masks needs at least one row")
   k_ctx, k_tgt = mask_sizes(side, cfg)
-  t = cfg.num_targets
-  ctx_idx = np.zeros((batch_size, k_ctx), np.int32)
-  tgt_idx = np.zeros((t, batch_size, k_tgt), np.int32)
-  tgt_valid = np.zeros((t, batch_size, k_tgt), bool)
-  for b in range(batch_size):
-    hs, ws = block_shape(rng.random(t), side, cfg.target_scale, cfg.target_aspect)
-    targets = [_random_block(rng, side, int(h), int(w)) for h, w in zip(hs, ws, strict=True)]
-    for k, cells in enumerate(targets):
-      idx = np.flatnonzero(cells)
-      tgt_idx[k, b, :idx.size] = idx
-      tgt_valid[k, b, :idx.size] = True
-    ctx_idx[b] = _context_cells(rng, side, targets, k_ctx, cfg)
-  return {"ctx_idx": ctx_idx, "tgt_idx": tgt_idx, "tgt_valid": tgt_valid}
+  ctx, tgt, valid = zip(*(_sample_masks(streams.rng(seed, streams.BLOCK_MASKS, step, r), side,
+                                        cfg, k_ctx, k_tgt) for r in rows), strict=True)
+  return {"ctx_idx": np.stack(ctx).astype(np.int32), "tgt_idx": np.stack(tgt, axis=1),
+          "tgt_valid": np.stack(valid, axis=1)}
+
+
+def leak(masks: Mapping[str, np.ndarray]) -> float:
+  """Fraction of the context cells of ``block_masks`` output that are valid target cells of
+  their own sample (0 by construction)."""
+  ctx, tgt, valid = masks["ctx_idx"], masks["tgt_idx"], masks["tgt_valid"]
+  inside = [np.isin(ctx[b], tgt[:, b][valid[:, b]]) for b in range(ctx.shape[0])]
+  return float(np.mean(inside))
 
 
 def modality_mask(key: jax.Array, num_modalities: int, k_ctx: int, batch: int,
@@ -190,40 +219,47 @@ def modality_mask(key: jax.Array, num_modalities: int, k_ctx: int, batch: int,
 
 
 def kept_dates(length: int, keep: float = 0.5) -> int:
-  """T_keep = max(1, floor(T * keep)): dates left in a series of T after temporal masking."""
-  return max(1, math.floor(length * keep))
+  """T_keep = max(1, ceil(T * keep)): date slots of a series of T after temporal masking."""
+  return max(1, math.ceil(length * keep))
 
 
-def temporal_mask(key: jax.Array, batch: int, length: int, date_mask: jax.Array | None = None,
-                  keep: float = 0.5) -> tuple[jax.Array, jax.Array]:
-  """Dates to keep in each sample's series of ``length`` dates.
+def select_dates(noise: Any, date_mask: Any | None, keep: float = 0.5, xp: Any = np
+                 ) -> tuple[Any, Any]:
+  """The dates each sample keeps, from uniforms; NumPy or, in jit, ``xp=jax.numpy``.
 
-  Uniformly random among the real dates (``date_mask`` != 0; all dates if None); padded dates
-  are taken only when a sample has fewer than T_keep = ``kept_dates(length, keep)`` real ones.
+  Each sample keeps n_keep = clip(floor(n_real * keep + u), 1, T_keep) of its n_real real dates,
+  uniformly chosen: ``keep`` of its real dates in expectation (stochastic rounding), however
+  few it has and whatever the bucket length T. Padded dates are never kept.
 
+  Args:
+    noise: (B, T + 1) uniforms in [0, 1): columns :T order the dates, column T is u.
+    date_mask: (B, T), nonzero = real date, or None (every date is real).
+    keep: fraction of the real dates kept.
   Returns:
-    idx int32 (B, T_keep), ascending (time order); valid bool (B, T_keep), True for real dates.
+    idx int32 (B, T_keep): the kept dates in ascending order, then the unused slots (their
+    indices, ascending); valid bool (B, T_keep): True on the kept dates.
   """
-  noise = jax.random.uniform(key, (batch, length))
-  if date_mask is not None:
-    noise = noise + (date_mask == 0)                  # padding sorts after every real date
-  t_keep = kept_dates(length, keep)
-  idx = jnp.sort(jnp.argsort(noise, axis=-1)[:, :t_keep], axis=-1).astype(jnp.int32)
-  if date_mask is None:
-    return idx, jnp.ones((batch, t_keep), bool)
-  return idx, jnp.take_along_axis(date_mask != 0, idx, axis=1)
+  b, t = noise.shape[0], noise.shape[1] - 1
+  t_keep = kept_dates(t, keep)
+  real = xp.ones((b, t), bool) if date_mask is None else date_mask != 0
+  n_keep = xp.clip(xp.floor(real.sum(-1) * keep + noise[:, t]), 1, t_keep)
+  order = xp.argsort(noise[:, :t] + ~real, axis=-1)[:, :t_keep]      # Real dates first.
+  chosen = (xp.arange(t_keep)[None, :] < n_keep[:, None]) & xp.take_along_axis(real, order, 1)
+  key = xp.sort(order + t * ~chosen, axis=-1)                        # Kept first, in time order.
+  return (key % t).astype(xp.int32), key < t
 
 
 def sample_temporal_masks(key: jax.Array, inputs: Mapping[str, jax.Array], keep: float = 0.5
                           ) -> dict[str, tuple[jax.Array, jax.Array]]:
-  """``temporal_mask`` of every modality of ``inputs`` that has ``<mod>_dates`` (MODIS included):
+  """``select_dates`` of every modality of ``inputs`` that has ``<mod>_dates`` (MODIS included):
   {name: (idx (B, T_keep), valid (B, T_keep))}. Keys are split over the sorted names, so the
   draw does not depend on the dict order (``jit`` sorts dict keys)."""
   names = sorted(n for n in mods.modality_keys(inputs) if n + mods.DATES_SUFFIX in inputs)
   out = {}
   for name, k in zip(names, jax.random.split(key, len(names)), strict=True):
     b, t = inputs[name + mods.DATES_SUFFIX].shape
-    out[name] = temporal_mask(k, b, t, inputs.get(name + mods.MASK_SUFFIX), keep)
+    noise = jax.random.uniform(k, (b, t + 1))
+    out[name] = select_dates(noise, inputs.get(name + mods.MASK_SUFFIX), keep, xp=jnp)
   return out
 
 
@@ -232,8 +268,8 @@ def apply_temporal_mask(inputs: Mapping[str, jax.Array],
   """A new input dict whose series in ``masks`` keep only the dates ``idx``.
 
   ``<mod>`` (B, T, C, H, W), ``<mod>_dates`` (B, T) and ``<mod>_valid`` (broadcast to the series
-  first) are gathered along T; ``<mod>_mask``, if the input has one, becomes ``valid`` in its
-  dtype. Without a date mask every date is real, so none is added. Other keys pass through.
+  first) are gathered along T; ``<mod>_mask`` becomes ``valid`` (in the input mask's dtype,
+  float32 if it had none: a sample may use fewer slots than T_keep). Other keys pass through.
   """
   take = jax.vmap(lambda a, i: a[i])
   out = dict(inputs)
@@ -244,6 +280,7 @@ def apply_temporal_mask(inputs: Mapping[str, jax.Array],
     if name + mods.VALID_SUFFIX in inputs:
       out[name + mods.VALID_SUFFIX] = take(
           jnp.broadcast_to(inputs[name + mods.VALID_SUFFIX], x.shape), idx)
-    if name + mods.MASK_SUFFIX in inputs:
-      out[name + mods.MASK_SUFFIX] = valid.astype(inputs[name + mods.MASK_SUFFIX].dtype)
+    dtype = inputs[name + mods.MASK_SUFFIX].dtype if name + mods.MASK_SUFFIX in inputs else (
+        jnp.float32)
+    out[name + mods.MASK_SUFFIX] = valid.astype(dtype)
   return out

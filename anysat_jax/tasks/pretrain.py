@@ -150,10 +150,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], masks: dict[str, 
 
 def host_masks(config: ml_collections.ConfigDict, step: int, batch_size: int,
                side: int) -> dict[str, np.ndarray]:
-  """Block masks of one step, batch first (``ctx_idx`` (B, K_ctx), ``tgt_idx`` / ``tgt_valid``
-  (B, T, K_tgt)); a function of (seed, step) only, so a resumed run draws the same masks."""
-  rng = np.random.default_rng([int(config.seed), int(step)])
-  m = masking.sample_block_masks(rng, batch_size, side, mask_config(config))
+  """Block masks of this process's ``batch_size`` rows of a step, batch first (``ctx_idx``
+  (B, K_ctx), ``tgt_idx`` / ``tgt_valid`` (B, T, K_tgt)). With ``data.shard_by_process`` the
+  rows are this process's slice of the global batch, else the whole (global) batch; each row's
+  masks are a function of (seed, step, global row) only (``masking.block_masks``), so a resumed
+  run, or one on another number of processes, draws the same masks."""
+  by_process = bool(config.get("data") and config.data.get("shard_by_process"))
+  first = jax.process_index() * batch_size if by_process else 0
+  m = masking.block_masks(int(config.seed), int(step), range(first, first + batch_size), side,
+                          mask_config(config))
   return {"ctx_idx": m["ctx_idx"], "tgt_idx": m["tgt_idx"].transpose(1, 0, 2),
           "tgt_valid": m["tgt_valid"].transpose(1, 0, 2)}
 

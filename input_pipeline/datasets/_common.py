@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -65,14 +64,6 @@ def read_lines(path: str | os.PathLike) -> list[str]:
   """Non-empty stripped lines of a text file."""
   with guard(path, None), open(path) as f:
     return [line.strip() for line in f if line.strip()]
-
-
-def day_of_year(yyyymmdd: str | int) -> int:
-  """``"20200102"`` → 2: day of year, 1-based (1 January = 1)."""
-  s = str(yyyymmdd)
-  if len(s) != 8 or not s.isdigit():
-    raise ValueError(f"not a YYYYMMDD date: {yyyymmdd!r}")
-  return datetime.date(int(s[:4]), int(s[4:6]), int(s[6:])).timetuple().tm_yday
 
 
 def check_length(x: np.ndarray, dates: np.ndarray, what: str, path: str | os.PathLike,

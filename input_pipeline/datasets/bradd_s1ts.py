@@ -27,12 +27,13 @@ Splits: ``close_set`` (``val`` reads ``validation``), examples in ``meta.csv`` o
 from __future__ import annotations
 
 import csv
-import datetime
 import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from anysat_jax.core.dates import day_of_year
+from anysat_jax.io.torch_pickle import load_pth
 from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec
 from input_pipeline.datasets import _common
 
@@ -43,19 +44,7 @@ _CLOSE_SETS = {"train": "train", "val": "validation", "test": "test"}
 _MODALITIES = {"s1": (SIZE, SIZE)}
 
 
-def day_of_year(d: datetime.date | str | int) -> int:
-  """A date object, ISO string or YYYYMMDD → day of year (1-based)."""
-  if isinstance(d, datetime.date):
-    return d.timetuple().tm_yday
-  s = str(d)
-  if len(s) >= 10 and s[4] == "-":
-    return datetime.date.fromisoformat(s[:10]).timetuple().tm_yday
-  return _common.day_of_year(s)
-
-
 def _load(root: str, file: str, modalities: tuple[str, ...]) -> Example:
-  from anysat_jax.io.torch_pickle import load_pth  # noqa: PLC0415 - imports jax; only if needed.
-
   key = os.path.splitext(file)[0]
   path = os.path.join(root, "Samples", file)
   with _common.guard(path, key):

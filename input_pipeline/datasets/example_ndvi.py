@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from anysat_jax.core.dates import day_of_year
 from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec
 from input_pipeline.datasets import _common
 
@@ -46,10 +47,6 @@ def ndvi(s2: np.ndarray) -> np.ndarray:
   return (nir - red) / np.maximum(nir + red, 1.0)
 
 
-def _day_of_year(text: str) -> int:
-  return datetime.date.fromisoformat(text.strip()).timetuple().tm_yday
-
-
 def _load(root: str, tile_id: str, label: str, modalities: tuple[str, ...]) -> Example:
   index = os.path.join(root, "fields.csv")
   with _common.guard(index, tile_id):
@@ -63,7 +60,7 @@ def _load(root: str, tile_id: str, label: str, modalities: tuple[str, ...]) -> E
     dates_path = os.path.join(root, "s2", f"{tile_id}_dates.txt")
     lines = _common.read_lines(dates_path)
     with _common.guard(dates_path, tile_id):
-      ex["s2_dates"] = np.array([_day_of_year(line) for line in lines], np.int32)
+      ex["s2_dates"] = np.array([day_of_year(line) for line in lines], np.int32)
     _common.check_length(ex["s2"], ex["s2_dates"], "s2", path, tile_id)
   if "spot" in modalities:
     path = os.path.join(root, "spot", f"{tile_id}.npy")

@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from anysat_jax.core.dates import day_of_year
 from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec
 from input_pipeline.datasets import _common
 
@@ -69,7 +70,7 @@ def _s2(sen_dir: pathlib.Path, centroid: Sequence[int], name: str) -> tuple[np.n
     window = np.asarray(data[:, :, r - h:r + h, c - h:c + h], np.float32)
   lines = _common.read_lines(found["products.txt"])
   with _common.guard(found["products.txt"], name):
-    dates = np.array([_common.day_of_year(line[11:19]) for line in lines], np.int32)
+    dates = np.array([day_of_year(line[11:19]) for line in lines], np.int32)
   _common.check_length(window, dates, "s2", found["data.npy"], name)
   return window, dates
 

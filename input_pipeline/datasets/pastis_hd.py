@@ -34,6 +34,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from anysat_jax.core.dates import day_of_year
 from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec
 from input_pipeline.datasets import _common
 
@@ -62,7 +63,7 @@ def _dates(props: dict, column: str) -> np.ndarray:
   table = props[column]
   if isinstance(table, str):
     table = json.loads(table)
-  return np.array([_common.day_of_year(table[k]) for k in sorted(table, key=int)], np.int32)
+  return np.array([day_of_year(table[k]) for k in sorted(table, key=int)], np.int32)
 
 
 def _load(root: str, props: dict, task: str, modalities: tuple[str, ...]) -> Example:

@@ -37,6 +37,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from anysat_jax.core.dates import utc_day_of_year
 from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec
 from input_pipeline.datasets import _common
 
@@ -46,13 +47,6 @@ RATIO_CLIP = 1e4
 RATIO_MODALITIES = ("s1", "alos")
 _MODALITIES = {"s2": (12, 12), "s1": (12, 12), "l7": (4, 4), "alos": (4, 4), "modis": (1, 1)}
 _STORED_CHANNELS = {"s2": 10, "s1": 2, "l7": 6, "alos": 2, "modis": 7}  # At least.
-_MS_PER_DAY = 86_400_000
-
-
-def utc_day_of_year(ms: np.ndarray) -> np.ndarray:
-  """Milliseconds since the Unix epoch → int32 day of year (1-based) of the UTC date."""
-  days = (np.asarray(ms, np.int64) // _MS_PER_DAY).astype("datetime64[D]")
-  return ((days - days.astype("datetime64[Y]")).astype(np.int64) + 1).astype(np.int32)
 
 
 def ratio_channels(x: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from anysat_jax.core.dates import day_of_year
 from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec
 from input_pipeline.datasets import _common
 
@@ -119,7 +120,7 @@ def read(manual_dir: str, split: str, *, modalities: Sequence[str] | None = None
   for i, name in enumerate(names):
     try:
       with _common.guard(path, name):
-        dates[name] = {m: np.array([_common.day_of_year(d) for d in c[i]], np.int32)
+        dates[name] = {m: np.array([day_of_year(d) for d in c[i]], np.int32)
                        for m, c in columns.items()}
     except DataError as e:
       _common.report(e, on_error)

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from anysat_jax.core.dates import day_of_year
 from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec
 from input_pipeline.datasets import _common
 
@@ -56,14 +57,14 @@ def _event_dates(metadata_path: str) -> dict[str, dict[str, int]]:
   with _common.guard(metadata_path, None):
     props = [f["properties"] for f in meta["features"]]
     locations = [p["location"] for p in props]
-    return {p["location"]: {s: _common.day_of_year(p[s + "_date"].replace("/", ""))
+    return {p["location"]: {s: day_of_year(p[s + "_date"].replace("/", ""))
                             for s in ("s1", "s2")}
             for p in props if locations.count(p["location"]) == 1}
 
 
 def _load(root: str, chip: str, label_file: str, dates: dict[str, dict[str, int]],
           modalities: tuple[str, ...]) -> Example:
-  fallback = _common.day_of_year(FALLBACK_DATE)
+  fallback = day_of_year(FALLBACK_DATE)
   day = dates.get(chip.split("_")[0], {"s1": fallback, "s2": fallback})
   ex: Example = {"name": chip}
   if "s2" in modalities:

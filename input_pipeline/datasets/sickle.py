@@ -46,6 +46,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from anysat_jax.core.dates import day_of_year
 from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec
 from input_pipeline.datasets import _common
 
@@ -98,7 +99,7 @@ def _series(root: str, uid: str, mod: str) -> dict[str, np.ndarray]:
   for path in files:
     with _common.guard(path, uid):
       day = file_date(mod, os.path.basename(path))
-      dated.append((day, _common.day_of_year(day), path))
+      dated.append((day, day_of_year(day), path))
   dated.sort()
   images, valid = [], []
   for _, _, path in dated:

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from anysat_jax.core.dates import day_of_year
 from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec
 from input_pipeline.datasets import _common
 
@@ -58,7 +59,7 @@ def _tiles(root: str, split: str) -> list[str]:
 def _tile_dates(root: str, tile: str) -> np.ndarray:
   path = os.path.join(root, tile, "dates.csv")
   with _common.guard(path, None), open(path, newline="") as f:
-    return np.array([_common.day_of_year(row["acquisition_date"].strip())
+    return np.array([day_of_year(row["acquisition_date"].strip())
                      for row in csv.DictReader(f)], np.int32)
 
 

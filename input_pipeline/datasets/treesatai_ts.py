@@ -31,6 +31,8 @@ from collections.abc import Iterator, Sequence
 import h5py
 import numpy as np
 
+from anysat_jax.core.dates import day_of_year
+from anysat_jax.io.torch_pickle import load_pth
 from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec
 from input_pipeline.datasets import _common
 
@@ -52,7 +54,7 @@ def multi_hot(genera: Sequence[Sequence], min_fraction: float = MIN_FRACTION) ->
 
 def _product_dates(names: np.ndarray, field: int) -> np.ndarray:
   """Day of year of each product name: first 8 characters of ``name.split('_')[field]``."""
-  return np.array([_common.day_of_year(n.decode().split("_")[field][:8]) for n in names], np.int32)
+  return np.array([day_of_year(n.decode().split("_")[field][:8]) for n in names], np.int32)
 
 
 def _load(root: str, name: str, label: np.ndarray, modalities: tuple[str, ...]) -> Example:
@@ -67,8 +69,6 @@ def _load(root: str, name: str, label: np.ndarray, modalities: tuple[str, ...]) 
       ex["s2_dates"] = _product_dates(f["sen-2-products"][()], 2)
     _common.check_length(ex["s2"], ex["s2_dates"], "s2", h5_path, name)
   if "s1-asc" in modalities:
-    from anysat_jax.io.torch_pickle import load_pth  # Imported only when needed.
-
     pth_path = os.path.join(root, "s1-asc", name + ".pth")
     with _common.guard(pth_path, name):
       s1 = np.asarray(load_pth(pth_path))

@@ -1,13 +1,14 @@
 """Input-pipeline throughput on the samples, next to what a tiny AnySat step consumes.
 
-  python -m input_pipeline.bench [--seconds=3] [--data_dir=DIR] [--read_threads=4]
+  python -m anysat_jax.pipeline_bench [--seconds=3] [--data_dir=DIR] [--read_threads=4]
       [--model_batch=8]
 
 Prepares the GeoPlex datasets from the shipped / generated samples (into a temporary folder
 unless ``--data_dir``), then prints examples/s of each dataset's training pipeline at its
 official batch size, of the GeoPlex mixture, and of a tiny AnySat forward + backward on a
 TreeSatAI batch at 20 m patches: ``jax.jit(jax.grad(lambda p, b: model.apply(p, b, 20).sum()))``.
-That step is a proxy (no training step exists yet: no JEPA/contrastive loss, no optimizer).
+That step is a proxy of a training step (no JEPA/contrastive loss, no optimizer). Batch sizes
+are global (the GeoPlex per-device sizes on one device).
 The two are timed one after the other, each with the whole machine.
 """
 
@@ -25,6 +26,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from anysat_jax import AnySat
+from anysat_jax.models.validation import validate_inputs
+from configs.common import GEOPLEX, default_dataset_config
 from input_pipeline import loader, mixture, prepare
 
 
@@ -53,7 +57,7 @@ def bench_pipelines(config: ml_collections.ConfigDict, seconds: float
     it = iter(loader.dataset_pipeline(config, name, shard_index=0, shard_count=1))
     rate, n = _rate(lambda it=it: _size(next(it)), seconds)
     it.close()
-    yield name, config.datasets[name].batch_size, rate, n
+    yield name, loader.global_batch_size(name, config.datasets[name], shard_count=1), rate, n
   mix = mixture.mixture(config, shard_index=0, shard_count=1)
   rate, n = _rate(lambda: _size(next(mix)[2]), seconds, min_batches=30)
   mix.close()
@@ -62,12 +66,10 @@ def bench_pipelines(config: ml_collections.ConfigDict, seconds: float
 
 def bench_model(config: ml_collections.ConfigDict, batch_size: int, seconds: float) -> float:
   """Examples/s of a tiny AnySat forward + backward on a TreeSatAI batch (20 m patches)."""
-  from anysat_jax import AnySat
-  from anysat_jax.models.validation import validate_inputs
-
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.datasets = {"treesatai_ts": cfg.datasets.treesatai_ts}
   cfg.datasets.treesatai_ts.batch_size = batch_size
+  cfg.datasets.treesatai_ts.per_device_batch = None
   it = iter(loader.dataset_pipeline(cfg, "treesatai_ts", shard_index=0, shard_count=1))
   batch = loader.model_inputs(next(it))
   it.close()
@@ -86,7 +88,7 @@ def bench_model(config: ml_collections.ConfigDict, batch_size: int, seconds: flo
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; returns the exit status."""
-  parser = argparse.ArgumentParser(prog="python -m input_pipeline.bench",
+  parser = argparse.ArgumentParser(prog="python -m anysat_jax.pipeline_bench",
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--seconds", type=float, default=3.0, help="timing per row")
   parser.add_argument("--data_dir", help="prepared data (default: a temporary folder)")
@@ -96,12 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.ERROR)
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = args.data_dir or tmp
-    for name in loader.GEOPLEX:
+    for name in GEOPLEX:
       prepare.ensure_prepared(name, data_dir)
     config = ml_collections.ConfigDict(dict(data_dir=data_dir, seed=0, skip_bad=False,
                                             read_threads=args.read_threads,
                                             prefetch_batches=2))
-    config.datasets = {n: loader.default_dataset_config(n) for n in loader.GEOPLEX}
+    config.datasets = {n: default_dataset_config(n) for n in GEOPLEX}
+    for d in config.datasets.values():
+      d.batch_size, d.per_device_batch = d.per_device_batch, None
+    config.mixture = dict(kind="iid")  # The samples hold fewer examples than one batch.
     rates = {}
     print(f"{'pipeline':<14} {'batch':>6} {'examples/s':>11} {'batches timed':>14}")
     for name, batch_size, rate, n in bench_pipelines(config, args.seconds):
