@@ -10,7 +10,7 @@ from conftest import PARITY_DIR, TESTDATA
 
 from anysat_jax import AnySat
 from anysat_jax.checkpoints import convert
-from anysat_jax.io.torch_pickle import save_pth
+from anysat_jax.io.torch_pickle.writer import save_pth
 from anysat_jax.models.config import encoder_config
 from anysat_jax.tools.parity import rel_l2
 

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from anysat_jax.core import modalities as mods
+from anysat_jax.io.torch_pickle.reader import load_state_dict
 from anysat_jax.models.config import EncoderConfig, ProjectorConfig, encoder_config, override
 from anysat_jax.models.encoder import AnySatEncoder
 
@@ -214,7 +215,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
     sd = load_file(path)
   elif suffix in (".pth", ".pt", ".ckpt", ".bin"):
-    from anysat_jax.io.torch_pickle import load_state_dict
     sd = load_state_dict(path)
   else:
     raise ValueError(f"{path}: unknown checkpoint format {suffix!r} "

@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from anysat_jax.io.torch_pickle.reader import load_pth
 from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec
 from input_pipeline.datasets import _common
 
@@ -54,8 +55,6 @@ def day_of_year(d: datetime.date | str | int) -> int:
 
 
 def _load(root: str, file: str, modalities: tuple[str, ...]) -> Example:
-  from anysat_jax.io.torch_pickle import load_pth  # noqa: PLC0415 - imports jax; only if needed.
-
   key = os.path.splitext(file)[0]
   path = os.path.join(root, "Samples", file)
   with _common.guard(path, key):

@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 import h5py
 import numpy as np
 
+from anysat_jax.io.torch_pickle.reader import load_pth
 from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec
 from input_pipeline.datasets import _common
 
@@ -67,8 +68,6 @@ def _load(root: str, name: str, label: np.ndarray, modalities: tuple[str, ...]) 
       ex["s2_dates"] = _product_dates(f["sen-2-products"][()], 2)
     _common.check_length(ex["s2"], ex["s2_dates"], "s2", h5_path, name)
   if "s1-asc" in modalities:
-    from anysat_jax.io.torch_pickle import load_pth  # Imported only when needed.
-
     pth_path = os.path.join(root, "s1-asc", name + ".pth")
     with _common.guard(pth_path, name):
       s1 = np.asarray(load_pth(pth_path))

@@ -66,6 +66,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from anysat_jax.io.torch_pickle.writer import save_pth
+
 Rng = np.random.Generator
 
 
@@ -294,8 +296,6 @@ def _blobs(rng: Rng, size: int, n: int) -> np.ndarray:
 
 
 def _gen_bradd(out: str, rng: Rng, num: int) -> list[str]:
-  from anysat_jax.io.torch_pickle import save_pth  # Imported only when needed (imports jax).
-
   rows = []
   for close_set in ("train", "validation", "test"):
     for _ in range(num):
