@@ -18,14 +18,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from anysat_jax.io.torch_pickle.reader import (
+from anysat_jax.io.torch_pickle.common import (
   DTYPES,
   TorchCheckpointError,
   TorchDtype,
   UnsafeCheckpointError,
-  load_pth,
-  load_state_dict,
 )
+from anysat_jax.io.torch_pickle.reader import load_pth, load_state_dict
 from anysat_jax.io.torch_pickle.writer import save_pth
 
 TESTDATA = pathlib.Path(__file__).parent / 'testdata' / 'torch'
@@ -532,3 +531,36 @@ def test_malformed_pickle(tmp_path):
   path = _write_zip(tmp_path / 'bad.pth', b'\x80\x02(K\x01', {})
   with pytest.raises(TorchCheckpointError, match=r'bad\.pth'):
     load_pth(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Opcodes outside what tensor checkpoints use are refused by name (hostile_pth: the bounds).
+
+_OD = b'ccollections\nOrderedDict\n'
+
+
+@pytest.mark.parametrize('ops, refused', [
+    (_OD + b')\x81', 'opcode NEWOBJ'),                      # OrderedDict.__new__(OrderedDict)
+    (b'(icollections\nOrderedDict\n', 'opcode INST'),
+    (b'\x8f', 'opcode EMPTY_SET'),
+    (b'\x82\x01', 'opcode EXT1'),
+    (b']}b', 'BUILD on list'),                            # BUILD only on an OrderedDict.
+    (_OD + b')R(K\x01K\x02tb', 'BUILD on OrderedDict with tuple state'),
+    (b'}(K\x01e', 'APPENDS on dict'),
+    (b']K\x01K\x02s', 'SETITEM on list'),
+    (_OD + b'(K\x01K\x02\x86]\x85tR', 'OrderedDict\\(...\\) with arguments'),
+    (b']K\x01\x85R', r'refusing to call \[\] with \(1,\)'),    # Only what find_class gave.
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_refused_opcodes_are_named(tmp_path, ops, refused):
+  path = _write_zip(tmp_path / 'ops.pth', b'\x80\x02' + ops + b'.', {})
+  with pytest.raises(UnsafeCheckpointError, match=rf'ops\.pth: .*{refused}'):
+    load_pth(path)
+
+
+def test_each_file_gets_its_own_stand_ins(tmp_path):
+  """Values from globals are new per file, never the module's shared ``DTYPES``."""
+  path = tmp_path / 'd.pth'
+  save_pth(path, {'dtype': DTYPES['float32']})
+  first, second = load_pth(path)['dtype'], load_pth(path)['dtype']
+  assert first == second == DTYPES['float32']
+  assert first is not second and first is not DTYPES['float32']

@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from anysat_jax.io.torch_pickle.reader import _STORAGE_DTYPES as STORAGE_DTYPES
-from anysat_jax.io.torch_pickle.reader import DTYPES, TorchDtype
+from anysat_jax.io.torch_pickle.common import DTYPES, STORAGE_DTYPES, TorchDtype
 
 _STORAGE_NAMES = {DTYPES[d].numpy: n for n, d in STORAGE_DTYPES.items() if n != 'UntypedStorage'}
 _DATETIME_TYPES = (datetime.datetime, datetime.date, datetime.timedelta, datetime.timezone)
