@@ -11,6 +11,7 @@ import pickle
 import pickletools
 import shlex
 import struct
+import subprocess
 import sys
 import zipfile
 
@@ -564,3 +565,15 @@ def test_each_file_gets_its_own_stand_ins(tmp_path):
   first, second = load_pth(path)['dtype'], load_pth(path)['dtype']
   assert first == second == DTYPES['float32']
   assert first is not second and first is not DTYPES['float32']
+
+
+def test_io_imports_no_jax():
+  """Datasets read .pth tiles with the reader: ``anysat_jax.io`` must not load JAX or Flax."""
+  code = ('import sys\n'
+          'import anysat_jax.io.directories, anysat_jax.io.torch_pickle.reader\n'
+          'import anysat_jax.io.torch_pickle.writer\n'
+          'print(sorted({"jax", "flax"} & set(sys.modules)))')
+  env = {**os.environ, 'PYTHONPATH': str(pathlib.Path(__file__).resolve().parents[1])}
+  run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env)
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.strip() == '[]'
