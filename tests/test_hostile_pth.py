@@ -125,12 +125,15 @@ def _nested_shared(depth: int, close: bytes) -> bytes:
   return b''.join(out)
 
 
-def _zip(path: pathlib.Path, entries: list[tuple[str, bytes, int, int, int]]) -> pathlib.Path:
+def _zip(path: pathlib.Path, entries: list[tuple[str, bytes, int, int, int]],
+         claimed_sizes: dict[str, int] | None = None) -> pathlib.Path:
   """A zip archive of (name, payload as stored, method, uncompressed size, crc32) entries:
-  payloads are written as given, so they can be pre-compressed."""
+  payloads are written as given, so they can be pre-compressed; ``claimed_sizes`` replaces the
+  stored size an entry's headers give."""
   local, central = bytearray(), bytearray()
   for name, payload, method, size, crc in entries:
-    fields = (20, 0, method, 0, 0x21, crc, len(payload), size, len(name.encode()), 0)
+    stored = (claimed_sizes or {}).get(name, len(payload))
+    fields = (20, 0, method, 0, 0x21, crc, stored, size, len(name.encode()), 0)
     central += struct.pack('<IHHHHHHIIIHHHHHII', 0x02014B50, 20, *fields, 0, 0, 0, 0,
                            len(local)) + name.encode()
     local += struct.pack('<IHHHHHIIIHH', 0x04034B50, *fields) + name.encode() + payload
@@ -210,6 +213,15 @@ def _deflate_storage(p):
                   (f'{arc}/data/0', payload, _DEFLATED, n, crc)])
 
 
+def _lying_entry_size(p):
+  """A storage entry of 4 bytes whose zip headers claim 1 GiB (stored: both sizes)."""
+  n, arc = 1 << 30, p.stem
+  data_pkl = _pickle(_tensor(_storage('0', n // 4), _int(0), _ints(n // 4), _ints(1)))
+  return _zip(p, [_stored(f'{arc}/data.pkl', data_pkl),
+                  (f'{arc}/data/0', b'\0' * 4, 0, n, zlib.crc32(b'\0' * 4))],
+              claimed_sizes={f'{arc}/data/0': n})
+
+
 def _bz2_data_pkl(p):
   """data.pkl bz2-compressed: a 16 MiB string in a hundred bytes."""
   data_pkl = _pickle(b'X' + struct.pack('<I', 16 << 20) + b'a' * (16 << 20))
@@ -257,6 +269,8 @@ HOSTILE = {
     'repeated_views': (_repeated_views, r'stride-0 or overlapping views'),
     'deflate_storage': (_deflate_storage, r'data/0 is compressed'),
     'bz2_data_pkl': (_bz2_data_pkl, r'data\.pkl is compressed'),
+    'lying_entry_size': (_lying_entry_size, r'data/0 claims 1073741824 bytes, more than the '
+                                            r'archive holds'),
     'nested_list_persistent_id': (_nested_list_persistent_id, r'unexpected persistent id \(\['),
     'nested_tuple_view_size': (_nested_tuple_view_size, r'bad tensor view .*size=\(\(\('),
     'nested_list_codecs': (_nested_list_codecs, r'refusing _codecs\.encode\(\[\['),

@@ -238,10 +238,13 @@ def _read_stored(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, nbytes: 
                  limit: int) -> bytes:
   """The first ``nbytes`` of an uncompressed entry, if no more than ``limit`` (the archive bytes
   not yet read: entries cannot hold more bytes than the archive unless they overlap)."""
-  if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+  if info.compress_type != zipfile.ZIP_STORED:
     raise TorchCheckpointError(
         f'{path}: entry {info.filename:.200} is compressed; torch writes entries uncompressed and '
         'compressed ones are refused (they can inflate far beyond the file)')
+  if info.compress_size != info.file_size:
+    raise TorchCheckpointError(f'{path}: entry {info.filename:.200} is stored, yet its sizes '
+                               f'differ ({info.compress_size} and {info.file_size} bytes)')
   if nbytes > limit:
     raise TorchCheckpointError(
         f'{path}: entry {info.filename:.200} claims {nbytes} bytes, more than the archive holds '
