@@ -234,6 +234,12 @@ def _nested_list_persistent_id(p):
   return _pth(p, _pickle(_tuple(_nested_shared(40, b'e')), b'Q'))
 
 
+def _nested_list_in_ordered_dict(p):
+  """A malformed persistent id holding an OrderedDict whose value is a 40-deep shared list."""
+  od = _global('collections', 'OrderedDict') + b')R' + b'(' + _str('k') + _nested_shared(40, b'e')
+  return _pth(p, _pickle(_tuple(od + b'u'), b'Q'))
+
+
 def _nested_tuple_view_size(p):
   """A tensor size holding a 40-deep shared tuple, formatted into the error message."""
   size = _tuple(_nested_shared(40, b'\x86'))
@@ -272,6 +278,8 @@ HOSTILE = {
     'lying_entry_size': (_lying_entry_size, r'data/0 claims 1073741824 bytes, more than the '
                                             r'archive holds'),
     'nested_list_persistent_id': (_nested_list_persistent_id, r'unexpected persistent id \(\['),
+    'nested_list_in_ordered_dict': (_nested_list_in_ordered_dict,
+                                    r"unexpected persistent id \(OrderedDict\(\{'k': \[\["),
     'nested_tuple_view_size': (_nested_tuple_view_size, r'bad tensor view .*size=\(\(\('),
     'nested_list_codecs': (_nested_list_codecs, r'refusing _codecs\.encode\(\[\['),
     'nested_tuple_dict_key': (_nested_tuple_dict_key, r'refusing a dict key of type tuple'),

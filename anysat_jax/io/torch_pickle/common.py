@@ -55,7 +55,12 @@ STORAGE_DTYPES: dict[str, str] = {
     'ComplexFloatStorage': 'complex64', 'UntypedStorage': 'uint8',
 }
 
-_REPR = reprlib.Repr()
+class _Repr(reprlib.Repr):
+  def repr_OrderedDict(self, x: Any, level: int) -> str:  # Else builtins.repr: unbounded.
+    return f'OrderedDict({self.repr_dict(x, level)})'
+
+
+_REPR = _Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
 _REPR.maxtuple = _REPR.maxlist = _REPR.maxdict = 6
 
