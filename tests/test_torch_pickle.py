@@ -577,3 +577,20 @@ def test_io_imports_no_jax():
   run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env)
   assert run.returncode == 0, run.stderr
   assert run.stdout.strip() == '[]'
+
+
+def test_save_pth_replaces_a_file_whole_or_not_at_all(tmp_path, monkeypatch):
+  path = tmp_path / 'x.pth'
+  save_pth(path, np.arange(3, dtype=np.float32))
+  before = path.read_bytes()
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(zipfile.ZipFile, 'writestr', full_disk)
+  with pytest.raises(OSError, match='No space'):
+    save_pth(path, np.arange(5, dtype=np.float32))
+  monkeypatch.undo()
+  assert path.read_bytes() == before and os.listdir(tmp_path) == ['x.pth']
+  save_pth(path, np.arange(5, dtype=np.float32))
+  np.testing.assert_array_equal(load_pth(path), np.arange(5, dtype=np.float32))
+  assert os.listdir(tmp_path) == ['x.pth']

@@ -12,6 +12,7 @@ import datetime
 import math
 import os
 import pickle
+import secrets
 import struct
 import sys
 import zipfile
@@ -129,6 +130,9 @@ def save_pth(path: str | os.PathLike, obj: Any) -> None:
       contiguous CPU tensors, one storage each (float64/32/16, bfloat16, int64/32/16/8, uint8,
       bool, complex128/64).
 
+  The file is written next to ``path`` and renamed: an existing ``path`` is replaced whole or
+  not at all.
+
   Raises:
     TypeError: ``obj`` holds another type, or an array dtype torch has no typed storage for.
   """
@@ -138,7 +142,14 @@ def save_pth(path: str | os.PathLike, obj: Any) -> None:
   records = [('data.pkl', b''.join(pickler.out)), ('byteorder', sys.byteorder.encode())]
   records += [(f'data/{i}', a.tobytes()) for i, a in enumerate(pickler.storages)]
   records.append(('version', b'3\n'))
-  archive = os.path.splitext(os.path.basename(os.fspath(path)))[0]
-  with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as zf:
-    for name, data in records:  # A fixed timestamp keeps the bytes deterministic.
-      zf.writestr(zipfile.ZipInfo(f'{archive}/{name}', date_time=(1980, 1, 1, 0, 0, 0)), data)
+  path = os.fspath(path)
+  archive = os.path.splitext(os.path.basename(path))[0]
+  tmp = f'{path}.tmp-{secrets.token_hex(4)}'  # Replaces an existing file only once complete.
+  try:
+    with open(tmp, 'xb') as f, zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as zf:
+      for name, data in records:  # A fixed timestamp keeps the bytes deterministic.
+        zf.writestr(zipfile.ZipInfo(f'{archive}/{name}', date_time=(1980, 1, 1, 0, 0, 0)), data)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
