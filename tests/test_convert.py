@@ -162,7 +162,8 @@ def test_absurd_block_index_is_refused_before_building(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing_cls_token", "no_blocks", "zero_width_table",
-                                  "indivisible_heads", "object_array", "complex", "int"])
+                                  "indivisible_heads", "object_array", "complex", "int",
+                                  "not_a_zip"])
 def test_malformed_state_dict_gives_one_error_line(tmp_path, capsys, case):
   sd = _fixture_state_dict()
   table = "blocks.2.attn.rpe_k.lookup_table_weight"
@@ -180,12 +181,16 @@ def test_malformed_state_dict_gives_one_error_line(tmp_path, capsys, case):
     want = r"width 64 \(cls_token\) is not a multiple of the head widths 7"
   elif case == "object_array":
     sd["cls_token"] = np.array([None, "x"], object)
-    want = r"cannot read npz: Object arrays cannot be loaded"
+    want = r"cannot read npz: ValueError: Object arrays cannot be loaded"
+  elif case == "not_a_zip":
+    want = r"cannot read npz: BadZipFile: File is not a zip file"
   else:
     sd["cls_token"] = sd["cls_token"].astype(np.complex64 if case == "complex" else np.int32)
     want = r"weights must be floating point; not so: cls_token \((complex64|int32)\)"
   src = tmp_path / f"{case}.npz"
   np.savez(src, **sd)  # np.savez pickles object arrays; np.load must refuse them.
+  if case == "not_a_zip":
+    src.write_bytes(b"PK\x03\x04 broken")
   status, err = _cli(capsys, src, tmp_path / "out")
   assert status == 2 and err.startswith(f"error: {src}: ") and re.search(want, err), err
   assert not (tmp_path / "out").exists()

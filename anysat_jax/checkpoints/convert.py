@@ -156,16 +156,18 @@ def read_state_dict(path: str | os.PathLike,
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint not found: {path}")
   suffix = os.path.splitext(path)[1].lower()
-  if suffix == ".npz":
+  if suffix in (".npz", ".safetensors"):
     try:
-      with np.load(path, allow_pickle=False) as z:
-        sd = {k: z[k] for k in z.files if k != "meta"}
-    except ValueError as e:  # Object arrays (pickles) are never loaded.
-      raise CheckpointError(f"{path}: cannot read npz: {e}") from None
-    sd = {k[len("param/"):] if k.startswith("param/") else k: v for k, v in sd.items()}
-  elif suffix == ".safetensors":
-    from safetensors.numpy import load_file
-    sd = load_file(path)
+      if suffix == ".npz":  # Object arrays (pickles) are never loaded.
+        with np.load(path, allow_pickle=False) as z:
+          sd = {k: z[k] for k in z.files if k != "meta"}
+        sd = {k[len("param/"):] if k.startswith("param/") else k: v for k, v in sd.items()}
+      else:
+        from safetensors.numpy import load_file
+        sd = load_file(path)
+    except Exception as e:  # Whatever the library raises on a malformed file.
+      raise CheckpointError(f"{path}: cannot read {suffix[1:]}: {type(e).__name__}: {e}"
+                            ) from None
   elif suffix in (".pth", ".pt", ".ckpt", ".bin"):
     sd = load_state_dict(path)
   else:
