@@ -7,6 +7,8 @@ Writes ``DIR/<name>/1.0.0/`` and prints the example count of every split. A bad 
 build with its ``DataError`` (exit status 1) unless ``--skip_bad`` is given, in which case bad
 examples are left out and counted. ``--modalities`` builds a subset, named
 ``<dataset>_<mod>_...`` (e.g. ``flair --modalities=aerial-flair`` → ``flair_aerial_flair``).
+``--overwrite`` replaces an existing build only once the new one is built and read back
+(``build_replacing``): a failed build leaves the old one as it was.
 
 ``ensure_prepared(dataset, data_dir)`` does the same from Python for users without the data: it
 builds the dataset from the shipped sample, or from a synthetic one that ``samples.generate``
@@ -17,6 +19,7 @@ normalisation statistics (``normalization.stats_file``) if they are missing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -26,8 +29,9 @@ from collections.abc import Mapping, Sequence
 
 import tensorflow_datasets as tfds
 
+from anysat_jax.io import directories
 from input_pipeline import builders, naming, normalization
-from input_pipeline.dataset_spec import DataError
+from input_pipeline.dataset_spec import DataError, DatasetSpec
 from input_pipeline.datasets import registry
 from input_pipeline.samples import generate
 
@@ -126,6 +130,29 @@ def ensure_prepared(dataset: str, data_dir: str, *, modalities: Sequence[str] | 
   return spec.name
 
 
+def build_replacing(spec: DatasetSpec, manual_dir: str, data_dir: str, *,
+                    skip_bad: bool = False) -> builders.BuildReport:
+  """``builders.build`` that replaces an existing build only once the new one is complete.
+
+  Builds into a temporary sibling of ``data_dir/<name>``, reads every split back (example counts
+  as reported), then swaps it in for ``data_dir/<name>/<VERSION>`` (``io.directories``). A build
+  that fails leaves the old one as it was; the old one's normalisation statistics go with it.
+  """
+  dest = os.path.join(data_dir, spec.name, naming.VERSION)
+  tmp = directories.sibling_tempdir(os.path.join(data_dir, spec.name))
+  try:
+    report = builders.build(spec, manual_dir, tmp, skip_bad=skip_bad, progress=True)
+    got = {s: len(src) for s, src in builders.data_sources(spec.name, tmp).items()}
+    want = {s: n for s, n in report.counts.items() if n}
+    if got != want:
+      raise DataError(f"the new build reads back {got} examples, not {want}; the old build is "
+                      "kept", path=report.path)
+    directories.swap_into_place(report.path, dest)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return dataclasses.replace(report, path=dest)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; returns the exit status."""
   parser = argparse.ArgumentParser(prog="python -m input_pipeline.prepare",
@@ -135,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--data_dir", required=True, help="where the TFDS files are written")
   parser.add_argument("--modalities", help="comma-separated subset of the dataset's modalities")
   parser.add_argument("--skip_bad", action="store_true", help="skip and count bad examples")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing build")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing build once the new one is complete")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
   tfds.disable_progress_bar()  # One tqdm bar per split from ``builders.build`` instead.
@@ -147,8 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.skip_bad and not registry.reader_accepts(spec, "on_error"):
     parser.error(f"{args.dataset}: its reader cannot skip bad examples")
   try:
-    report = builders.build(spec, args.manual_dir, args.data_dir, skip_bad=args.skip_bad,
-                            overwrite=args.overwrite, progress=True)
+    if args.overwrite:
+      report = build_replacing(spec, args.manual_dir, args.data_dir, skip_bad=args.skip_bad)
+    else:
+      report = builders.build(spec, args.manual_dir, args.data_dir, skip_bad=args.skip_bad,
+                              progress=True)
   except (DataError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

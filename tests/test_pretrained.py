@@ -16,7 +16,7 @@ import pytest
 from anysat_jax.checkpoints import convert
 from anysat_jax.inference import pretrained
 from anysat_jax.inference.api import AnySat
-from anysat_jax.io.torch_pickle import save_pth
+from anysat_jax.io.torch_pickle.writer import save_pth
 
 TINY = dict(dim=64, depth=1, num_heads=4, spatial_depth=1, spatial_heads=4)
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

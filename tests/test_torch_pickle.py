@@ -1,4 +1,4 @@
-"""Tests for io.torch_pickle: torch checkpoints read (safely) and written without torch."""
+"""Tests for io.torch_pickle: torch checkpoints read (safely) and written, without torch."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pickle
 import pickletools
 import shlex
 import struct
+import subprocess
 import sys
 import zipfile
 
@@ -18,8 +19,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from anysat_jax.io import torch_pickle
-from anysat_jax.io.torch_pickle import TorchCheckpointError, UnsafeCheckpointError
+from anysat_jax.io.torch_pickle.common import (
+  DTYPES,
+  TorchCheckpointError,
+  TorchDtype,
+  UnsafeCheckpointError,
+)
+from anysat_jax.io.torch_pickle.reader import load_pth, load_state_dict
+from anysat_jax.io.torch_pickle.writer import save_pth
 
 TESTDATA = pathlib.Path(__file__).parent / 'testdata' / 'torch'
 SAMPLE_PTH = TESTDATA / 's1asc_sample.pth'
@@ -180,7 +187,7 @@ def _records(path: pathlib.Path) -> dict[str, bytes]:
 
 
 def test_real_torch_file_matches_numpy_twin():
-  got = torch_pickle.load_pth(SAMPLE_PTH)
+  got = load_pth(SAMPLE_PTH)
   want = np.load(SAMPLE_NPY)
   assert isinstance(got, np.ndarray)
   assert got.dtype == want.dtype == np.float32
@@ -194,7 +201,7 @@ def test_save_pth_reproduces_real_torch_layout(tmp_path):
   real = _records(SAMPLE_PTH)
   archive = next(iter(real)).split('/')[0]
   path = tmp_path / f'{archive}.pth'
-  torch_pickle.save_pth(path, np.load(SAMPLE_NPY))
+  save_pth(path, np.load(SAMPLE_NPY))
   ours = _records(path)
   # The real file predates the byteorder record that newer torch writes after data.pkl.
   assert ours.pop(f'{archive}/byteorder') == sys.byteorder.encode()
@@ -250,14 +257,14 @@ def test_malicious_pickle_is_refused(tmp_path, kind):
   path = _write_zip(tmp_path / 'evil.pth', data_pkl, {})
   modules_before = set(sys.modules)
   with pytest.raises(UnsafeCheckpointError) as info:
-    torch_pickle.load_pth(path)
+    load_pth(path)
   message = str(info.value)
   assert refused in message
   assert str(path) in message
   assert not marker.exists()
   assert refused.split('.')[0] not in set(sys.modules) - modules_before  # Nothing imported.
   with pytest.raises(UnsafeCheckpointError):
-    torch_pickle.load_state_dict(path)
+    load_state_dict(path)
   assert not marker.exists()
 
 
@@ -269,7 +276,7 @@ def test_refusal_inside_a_state_dict(tmp_path):
                             'hparams': _Global('builtins', 'exec')}, {'0': w})
   path = _write_zip(tmp_path / 'ckpt.pth', data_pkl, {'0': w.tobytes()})
   with pytest.raises(UnsafeCheckpointError, match=r'builtins\.exec'):
-    torch_pickle.load_state_dict(path)
+    load_state_dict(path)
   assert not marker.exists()
 
 
@@ -279,7 +286,7 @@ def test_codecs_encode_only_turns_latin1_text_into_bytes(tmp_path, args):
   path = _write_zip(tmp_path / 'codec.pth', _call_pickle('_codecs', 'encode', *args), {})
   modules_before = set(sys.modules)
   with pytest.raises(TorchCheckpointError, match=r'codec\.pth'):
-    torch_pickle.load_pth(path)
+    load_pth(path)
   assert not set(sys.modules) - modules_before
 
 
@@ -307,8 +314,8 @@ def test_save_pth_arrays_round_trip(tmp_path, dtype):
       'empty': np.zeros((0, 4), dtype), 'swapped': x.astype(x.dtype.newbyteorder('S')),
   }
   path = tmp_path / 'arrays.pth'
-  torch_pickle.save_pth(path, arrays)
-  got = torch_pickle.load_pth(path)
+  save_pth(path, arrays)
+  got = load_pth(path)
   assert list(got) == list(arrays)
   for k, want in arrays.items():
     _assert_same(got[k], want.astype(x.dtype))
@@ -325,15 +332,15 @@ def test_checkpoint_dict_with_state_dict_and_epoch(tmp_path):
   ckpt = {'state_dict': sd, 'epoch': 3, 'step': 2**40, 'huge': -2**100, 'lr': 1e-4,
           'name': 'anysat ∞', 'blob': bytes(range(256)), 'tags': ['a', None, True, False],
           'empty': ([], {}, ()), 'shapes': ((1,), (1, 2), (1, 2, 3), (1, 2, 3, 4)),
-          'dtype': torch_pickle.DTYPES['bfloat16']}
+          'dtype': DTYPES['bfloat16']}
   path = tmp_path / 'ckpt.pth'
-  torch_pickle.save_pth(path, ckpt)
-  got = torch_pickle.load_pth(path)
+  save_pth(path, ckpt)
+  got = load_pth(path)
   assert {k: v for k, v in got.items() if k != 'state_dict'} == {
       k: v for k, v in ckpt.items() if k != 'state_dict'}
   assert isinstance(got['state_dict'], collections.OrderedDict)
   assert got['state_dict']._metadata == sd._metadata
-  state = torch_pickle.load_state_dict(path)
+  state = load_state_dict(path)
   assert isinstance(state, dict) and list(state) == list(sd)
   for k in sd:
     _assert_same(state[k], sd[k])
@@ -351,8 +358,8 @@ _DATES = {
 
 def test_datetimes_round_trip(tmp_path):
   path = tmp_path / 'dates.pth'
-  torch_pickle.save_pth(path, _DATES)
-  got = torch_pickle.load_pth(path)
+  save_pth(path, _DATES)
+  got = load_pth(path)
   assert got == _DATES
   assert [type(d) for d in got['label_dates']] == [datetime.date] * 2
   assert got['offset'].tzinfo == _DATES['offset'].tzinfo
@@ -363,14 +370,14 @@ def test_datetimes_round_trip(tmp_path):
 def test_datetimes_are_written_as_torch_writes_them(tmp_path, value):
   """The opcodes of CPython's protocol-2 pickler (torch.save's), memo traffic aside."""
   path = tmp_path / 'date.pth'
-  torch_pickle.save_pth(path, value)
+  save_pth(path, value)
   assert _ops(_records(path)['date/data.pkl']) == _ops(pickle.dumps(value, protocol=2))
 
 
 def test_datetimes_pickled_by_cpython_are_read(tmp_path):
   """As in real BraDD-S1TS samples: memoised (BINGET) datetime and _codecs.encode globals."""
   path = _write_zip(tmp_path / 'sample.pth', pickle.dumps(_DATES, protocol=2), {})
-  assert torch_pickle.load_pth(path) == _DATES
+  assert load_pth(path) == _DATES
 
 
 class _Tz(datetime.tzinfo):
@@ -383,26 +390,26 @@ class _Tz(datetime.tzinfo):
     ids=lambda v: type(v).__name__)
 def test_save_pth_refuses_other_types(tmp_path, value):
   with pytest.raises(TypeError, match='cannot write'):
-    torch_pickle.save_pth(tmp_path / 'x.pth', {'value': value})
+    save_pth(tmp_path / 'x.pth', {'value': value})
 
 
 def test_dtype_values_become_torch_dtype(tmp_path):
   path = tmp_path / 'd.pth'
-  torch_pickle.save_pth(path, {'dtype': torch_pickle.DTYPES['bfloat16'],
-                               'compute': torch_pickle.DTYPES['float32']})
+  save_pth(path, {'dtype': DTYPES['bfloat16'],
+                               'compute': DTYPES['float32']})
   assert ('GLOBAL', 'torch bfloat16') in _ops(_records(path)['d/data.pkl'])
-  got = torch_pickle.load_pth(path)
-  assert got['dtype'] == torch_pickle.TorchDtype('bfloat16', np.dtype(ml_dtypes.bfloat16))
+  got = load_pth(path)
+  assert got['dtype'] == TorchDtype('bfloat16', np.dtype(ml_dtypes.bfloat16))
   assert got['compute'].numpy == np.float32
 
 
 def test_load_state_dict_rejects_non_mapping(tmp_path):
   with pytest.raises(TorchCheckpointError, match='s1asc_sample.pth.*ndarray'):
-    torch_pickle.load_state_dict(SAMPLE_PTH)
+    load_state_dict(SAMPLE_PTH)
   path = tmp_path / 'mixed.pth'
-  torch_pickle.save_pth(path, {'w': np.zeros(2, np.float32), 'epoch': 3})
+  save_pth(path, {'w': np.zeros(2, np.float32), 'epoch': 3})
   with pytest.raises(TorchCheckpointError, match="mixed.pth.*'epoch'"):
-    torch_pickle.load_state_dict(path)
+    load_state_dict(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +452,7 @@ def _state_dict_fixture():
 def test_tensor_views_round_trip(tmp_path, byteorder):
   sd, storages, want = _state_dict_fixture()
   path = _save(tmp_path / 'sd.pth', sd, storages, byteorder=byteorder)
-  got = torch_pickle.load_pth(path)
+  got = load_pth(path)
   assert isinstance(got, collections.OrderedDict)
   assert list(got) == list(want)
   for k in want:
@@ -453,14 +460,14 @@ def test_tensor_views_round_trip(tmp_path, byteorder):
   assert got['bf'].dtype == ml_dtypes.bfloat16
   assert got._metadata == {'': {'version': 1}}  # The OrderedDict's BUILD state is kept.
   assert not np.shares_memory(got['w_t'], got['w'])
-  state = torch_pickle.load_state_dict(path)
+  state = load_state_dict(path)
   assert list(state) == list(want)
   _assert_same(state['w_t'], want['w_t'])
 
 
 def test_shared_storage_is_read_once_and_values_are_independent(tmp_path):
   sd, storages, _ = _state_dict_fixture()
-  got = torch_pickle.load_pth(_save(tmp_path / 'sd.pth', sd, storages))
+  got = load_pth(_save(tmp_path / 'sd.pth', sd, storages))
   got['w'][0, 0] = 123.0
   assert got['w_t'][0, 0] != 123.0
 
@@ -474,7 +481,7 @@ def test_truncated_storage(tmp_path):
   data_pkl = _pickle_bytes(collections.OrderedDict(w=_Tensor('7', 0, (10,), (1,))), {'7': w})
   path = _write_zip(tmp_path / 'trunc.pth', data_pkl, {'7': w.tobytes()[:-4]})
   with pytest.raises(TorchCheckpointError, match=r"trunc\.pth.*storage '7'.*truncated"):
-    torch_pickle.load_pth(path)
+    load_pth(path)
 
 
 def test_missing_storage_record(tmp_path):
@@ -482,7 +489,7 @@ def test_missing_storage_record(tmp_path):
   data_pkl = _pickle_bytes(collections.OrderedDict(w=_Tensor('7', 0, (10,), (1,))), {'7': w})
   path = _write_zip(tmp_path / 'nostorage.pth', data_pkl, {})
   with pytest.raises(TorchCheckpointError, match=r"nostorage\.pth.*storage '7'.*missing"):
-    torch_pickle.load_pth(path)
+    load_pth(path)
 
 
 def test_view_outside_storage_is_refused(tmp_path):
@@ -490,7 +497,7 @@ def test_view_outside_storage_is_refused(tmp_path):
   data_pkl = _pickle_bytes(_Tensor('0', 2, (3,), (1,)), {'0': w})
   path = _write_zip(tmp_path / 'oob.pth', data_pkl, {'0': w.tobytes()})
   with pytest.raises(TorchCheckpointError, match=r"oob\.pth.*storage '0'.*does not fit"):
-    torch_pickle.load_pth(path)
+    load_pth(path)
 
 
 def test_missing_data_pkl(tmp_path):
@@ -499,29 +506,91 @@ def test_missing_data_pkl(tmp_path):
     zf.writestr('nopkl/data/0', b'\0' * 8)
     zf.writestr('nopkl/version', '3\n')
   with pytest.raises(TorchCheckpointError, match=r'nopkl\.pth.*data\.pkl'):
-    torch_pickle.load_pth(path)
+    load_pth(path)
 
 
 def test_not_a_zip(tmp_path):
   path = tmp_path / 'junk.pth'
   path.write_bytes(b'this is not a checkpoint')
   with pytest.raises(TorchCheckpointError, match=r'junk\.pth.*not a zip'):
-    torch_pickle.load_pth(path)
+    load_pth(path)
 
 
 def test_legacy_format(tmp_path):
   path = tmp_path / 'legacy.pth'
   path.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001))
   with pytest.raises(TorchCheckpointError, match=r'legacy\.pth.*legacy.*re-save'):
-    torch_pickle.load_pth(path)
+    load_pth(path)
 
 
 def test_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match='nothere.pth'):
-    torch_pickle.load_pth(tmp_path / 'nothere.pth')
+    load_pth(tmp_path / 'nothere.pth')
 
 
 def test_malformed_pickle(tmp_path):
   path = _write_zip(tmp_path / 'bad.pth', b'\x80\x02(K\x01', {})
   with pytest.raises(TorchCheckpointError, match=r'bad\.pth'):
-    torch_pickle.load_pth(path)
+    load_pth(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Opcodes outside what tensor checkpoints use are refused by name (hostile_pth: the bounds).
+
+_OD = b'ccollections\nOrderedDict\n'
+
+
+@pytest.mark.parametrize('ops, refused', [
+    (_OD + b')\x81', 'opcode NEWOBJ'),                      # OrderedDict.__new__(OrderedDict)
+    (b'(icollections\nOrderedDict\n', 'opcode INST'),
+    (b'\x8f', 'opcode EMPTY_SET'),
+    (b'\x82\x01', 'opcode EXT1'),
+    (b']}b', 'BUILD on list'),                            # BUILD only on an OrderedDict.
+    (_OD + b')R(K\x01K\x02tb', 'BUILD on OrderedDict with tuple state'),
+    (b'}(K\x01e', 'APPENDS on dict'),
+    (b']K\x01K\x02s', 'SETITEM on list'),
+    (_OD + b'(K\x01K\x02\x86]\x85tR', 'OrderedDict\\(...\\) with arguments'),
+    (b']K\x01\x85R', r'refusing to call \[\] with \(1,\)'),    # Only what find_class gave.
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_refused_opcodes_are_named(tmp_path, ops, refused):
+  path = _write_zip(tmp_path / 'ops.pth', b'\x80\x02' + ops + b'.', {})
+  with pytest.raises(UnsafeCheckpointError, match=rf'ops\.pth: .*{refused}'):
+    load_pth(path)
+
+
+def test_each_file_gets_its_own_stand_ins(tmp_path):
+  """Values from globals are new per file, never the module's shared ``DTYPES``."""
+  path = tmp_path / 'd.pth'
+  save_pth(path, {'dtype': DTYPES['float32']})
+  first, second = load_pth(path)['dtype'], load_pth(path)['dtype']
+  assert first == second == DTYPES['float32']
+  assert first is not second and first is not DTYPES['float32']
+
+
+def test_io_imports_no_jax():
+  """Datasets read .pth tiles with the reader: ``anysat_jax.io`` must not load JAX or Flax."""
+  code = ('import sys\n'
+          'import anysat_jax.io.directories, anysat_jax.io.torch_pickle.reader\n'
+          'import anysat_jax.io.torch_pickle.writer\n'
+          'print(sorted({"jax", "flax"} & set(sys.modules)))')
+  env = {**os.environ, 'PYTHONPATH': str(pathlib.Path(__file__).resolve().parents[1])}
+  run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env)
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.strip() == '[]'
+
+
+def test_save_pth_replaces_a_file_whole_or_not_at_all(tmp_path, monkeypatch):
+  path = tmp_path / 'x.pth'
+  save_pth(path, np.arange(3, dtype=np.float32))
+  before = path.read_bytes()
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(zipfile.ZipFile, 'writestr', full_disk)
+  with pytest.raises(OSError, match='No space'):
+    save_pth(path, np.arange(5, dtype=np.float32))
+  monkeypatch.undo()
+  assert path.read_bytes() == before and os.listdir(tmp_path) == ['x.pth']
+  save_pth(path, np.arange(5, dtype=np.float32))
+  np.testing.assert_array_equal(load_pth(path), np.arange(5, dtype=np.float32))
+  assert os.listdir(tmp_path) == ['x.pth']

@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 
 from anysat_jax.core.dates import day_of_year
-from anysat_jax.io.torch_pickle import load_pth
+from anysat_jax.io.torch_pickle.reader import load_pth
 from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec
 from input_pipeline.datasets import _common
 

@@ -66,7 +66,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from anysat_jax.io.torch_pickle import save_pth
+from anysat_jax.io.torch_pickle.writer import save_pth
 
 Rng = np.random.Generator
 

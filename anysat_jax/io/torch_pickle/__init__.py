@@ -1,0 +1,1 @@
+"""PyTorch ``torch.save`` checkpoints without torch: ``reader`` (untrusted files) and ``writer``."""
