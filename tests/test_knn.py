@@ -116,7 +116,7 @@ def test_monitor_set_from_prepared_sample(tmp_path):
   dcfg = default_dataset_config("pastis_hd_cls")
   dcfg.modalities, dcfg.buckets = ("s2",), {"s2": 20}
   s = knn.monitor_set(d, "pastis_hd_cls", dcfg, batch_size=2, max_examples=3)
-  assert (s.name, s.kind, s.num_classes) == ("pastis_hd_cls", "multilabel", 18)
+  assert (s.name, s.kind, s.num_classes, s.patch_size) == ("pastis_hd_cls", "multilabel", 18, 40)
   assert [b["s2"].shape for b in s.train + s.val] == [(2, 20, 10, 32, 32)] * 3
   assert [b["example_mask"].tolist() for b in s.train] == [[1, 1], [1, 0]]
   assert [b["example_mask"].tolist() for b in s.val] == [[1, 1]]

@@ -24,11 +24,12 @@ set), ``f1_weighted`` (per-class F1 weighted by the val support of the class, as
 Use from a training loop::
 
   sets = [knn.monitor_set(config.data.data_dir, name, default_dataset_config(name),
-                          max_examples=256, batch_size=16) for name in ("treesatai_ts",)]
+                          max_examples=256, batch_size=16)
+          for name in ("treesatai_ts", "pastis_hd_cls")]   # prepared first (ensure_prepared)
   ...
   if step % eval_every == 0:
-    def embed(inputs):  # (B, E) numpy: the EMA teacher's mean-pooled tile features.
-      return np.asarray(jitted_features(teacher_params, inputs, patch_size))
+    def embed(inputs):  # (B, E): the EMA teacher's tile features (class token, output="tile").
+      return jitted_encoder(teacher_params, inputs, patch_size=s.patch_size)
     for s in sets:
       for key, value in knn.evaluate(embed, s.train, s.val, kind=s.kind).items():
         log(f"knn/{s.name}/{key}", value)
@@ -176,6 +177,7 @@ class MonitorSet:
   name: str
   kind: str
   num_classes: int
+  patch_size: int                 # Metres, for the embedding.
   train: list[dict[str, Any]]
   val: list[dict[str, Any]]
 
@@ -200,7 +202,7 @@ def _split_batches(data_dir: str, name: str, dcfg: ml_collections.ConfigDict, sp
 
 
 def monitor_set(data_dir: str, name: str, dcfg: ml_collections.ConfigDict, *,
-                batch_size: int = 16, max_examples: int = 512,
+                batch_size: int = 16, max_examples: int = 512, patch_size: int | None = None,
                 splits: Sequence[str] = ("train", "val")) -> MonitorSet:
   """The monitor's batches of the prepared dataset ``name`` (registry name, e.g.
   ``treesatai_ts``, ``pastis_hd_cls``) under ``data_dir``, read once through the input
@@ -209,6 +211,7 @@ def monitor_set(data_dir: str, name: str, dcfg: ml_collections.ConfigDict, *,
   dcfg: its dataset config (e.g. ``configs.common.default_dataset_config(name)``); its split
     and batch size are replaced. batch_size: rows per batch (one shape for every batch).
   max_examples: per split, the first ones in the prepared order.
+  patch_size: metres; default the first of ``dcfg.patch_sizes``.
   splits: (train split, val split).
   """
   label = registry.get_spec(name).label
@@ -216,5 +219,6 @@ def monitor_set(data_dir: str, name: str, dcfg: ml_collections.ConfigDict, *,
     raise ValueError(f"{name}: the k-NN monitor needs class labels, not {label.kind!r}")
   train, val = (_split_batches(data_dir, name, dcfg, s, batch_size, max_examples)
                 for s in splits)
-  return MonitorSet(name, label.kind, label.num_classes, train, val)
+  patch = int(patch_size if patch_size is not None else dcfg.patch_sizes[0])
+  return MonitorSet(name, label.kind, label.num_classes, patch, train, val)
 
