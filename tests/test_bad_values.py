@@ -16,7 +16,8 @@ import pytest
 
 from input_pipeline import normalization, processing
 from input_pipeline.dataset_spec import DataError, LabelSpec, check_example
-from input_pipeline.datasets import pastis_hd, registry, treesatai_ts
+from input_pipeline.datasets import pastis_hd, planted, registry, treesatai_ts
+from input_pipeline.samples import generate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PASTIS = REPO / "input_pipeline" / "samples" / "PASTIS"
@@ -91,6 +92,17 @@ def test_reader_refuses_non_real_arrays(pastis, kind):
   with pytest.raises(DataError, match=r"dtype .*, expected real numbers") as e:
     dict(pastis_hd.read(str(root), "train", modalities=("s2",)))
   assert str(path) in str(e.value) and repr(pid) in str(e.value)
+
+
+def test_npz_reader_refuses_complex_arrays(tmp_path):
+  """PLANTED's .npz arrays: a complex S2 series names its file."""
+  generate.generate("planted", str(tmp_path), seed=0, num=1)
+  sid = json.loads((tmp_path / "train" / "labels2.json").read_text()).popitem()[0]
+  path = tmp_path / "train" / sid / f"{sid}_s2.npz"
+  np.savez(path, arr_0=np.load(path)["arr_0"] * (1 + 1j))
+  with pytest.raises(DataError, match=r"dtype complex64, expected real numbers") as e:
+    dict(planted.read(str(tmp_path), "train"))
+  assert str(path) in str(e.value)
 
 
 def test_contract_refuses_non_real_arrays():
