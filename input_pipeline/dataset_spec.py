@@ -25,6 +25,7 @@ import numpy as np
 from anysat_jax.core import modalities as mods
 
 Example = dict[str, Any]
+REAL_KINDS = "biuf"  # numpy dtype kinds of real numbers: bool, int, uint, float.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,20 +86,78 @@ class DataError(ValueError):
     self.example_id = example_id
 
 
+def array_problem(what: str, x: np.ndarray) -> str | None:
+  """Why ``x`` cannot be a pipeline array (not real numbers: complex, str, object), or None."""
+  if np.asarray(x).dtype.kind not in REAL_KINDS:
+    return f"{what}: dtype {np.asarray(x).dtype}, expected real numbers (bool, int or float)"
+  return None
+
+
+def label_problem(label: LabelSpec, y: Any) -> str | None:
+  """Why ``y`` is not a valid label of ``label``, or None.
+
+  multilabel: finite multi-hot, every entry 0 or 1 (a NaN class fraction must not become a
+  silent 0); multiclass / segmentation: integer values in [0, num_classes) or the ignore index.
+  """
+  if label.kind == "none":
+    return None
+  y = np.asarray(y)
+  problem = array_problem("label", y)
+  if problem is not None:
+    return problem
+  finite = np.isfinite(y) if y.dtype.kind == "f" else np.ones(y.shape, bool)
+  if not finite.all():
+    return f"label: {int((~finite).sum())} NaN or inf values"
+  if label.kind == "multilabel":
+    bad = (y != 0) & (y != 1)
+    if bad.any():
+      return f"label: {int(bad.sum())} multi-hot entries not 0 or 1 (e.g. {y[bad][:3].tolist()})"
+    return None
+  if y.dtype.kind == "f" and (y != np.round(y)).any():
+    return "label: non-integer class values"
+  bad = (y < 0) | (y >= label.num_classes)
+  if label.ignore_index is not None:
+    bad &= y != label.ignore_index
+  if bad.any():
+    ignore = f" or the ignore index {label.ignore_index}" if label.ignore_index is not None else ""
+    return (f"label: {int(bad.sum())} values outside [0, {label.num_classes}){ignore} (e.g. "
+            f"{np.unique(y[bad])[:5].tolist()})")
+  return None
+
+
+def check_label(label: LabelSpec, y: Any, path: str | None, example_id: str | None) -> None:
+  """Raises ``DataError`` naming ``path`` and ``example_id`` if ``label_problem`` finds one."""
+  problem = label_problem(label, y)
+  if problem is not None:
+    raise DataError(problem, path=path, example_id=example_id)
+
+
 def check_example(spec: DatasetSpec, key: str, ex: Example, path: str | None = None) -> None:
-  """Validates an example against the contract; raises ``DataError`` naming the problem."""
+  """Validates an example against the contract; raises ``DataError`` naming the dataset, the
+  problem (modality, dtype, shape, label values) and the example."""
+  def fail(problem: str) -> None:
+    raise DataError(f"{spec.name}: {problem}", path=path, example_id=key)
+
   for m in spec.modalities:
     if m not in ex:
-      raise DataError(f"modality {m!r} missing", path=path, example_id=key)
+      fail(f"modality {m!r} missing")
     x = ex[m]
     info = mods.get(m)
+    for k in (m, m + mods.VALID_SUFFIX, m + mods.DATES_SUFFIX):
+      if k in ex and (problem := array_problem(k, ex[k])) is not None:
+        fail(problem)
     want_rank = 4 if info.temporal else 3
     if x.ndim != want_rank or x.shape[-3] != info.channels:
-      raise DataError(f"{m}: shape {x.shape}, expected rank {want_rank} with {info.channels} "
-                      "channels", path=path, example_id=key)
+      fail(f"{m}: shape {x.shape}, expected rank {want_rank} with {info.channels} channels")
     if not np.all(np.isfinite(x)):
-      raise DataError(f"{m}: contains NaN or inf", path=path, example_id=key)
+      fail(f"{m}: contains NaN or inf")
     if info.temporal:
       d = ex.get(m + mods.DATES_SUFFIX)
       if d is None or d.shape != (x.shape[0],):
-        raise DataError(f"{m}: dates missing or of the wrong shape", path=path, example_id=key)
+        fail(f"{m}: dates missing or of the wrong shape")
+  if spec.label.kind != "none":
+    if "label" not in ex:
+      fail("label missing")
+    problem = label_problem(spec.label, ex["label"])
+    if problem is not None:
+      fail(problem)

@@ -63,9 +63,49 @@ class Stats:
             "source": self.source}
 
   @classmethod
-  def from_json(cls, d: Mapping[str, Any]) -> Stats:
-    return cls(np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32),
-               str(d["source"]))
+  def from_json(cls, d: Any, where: str = "statistics") -> Stats:
+    """Checked ``Stats`` of a JSON object; ``where`` (file and modality) starts every error.
+
+    Raises ``ValueError`` on a missing field, a non-numeric or empty list, lists of different
+    lengths, a non-finite value or a std <= 0 (each would turn inputs into inf or NaN)."""
+    if not isinstance(d, Mapping):
+      raise ValueError(f"{where}: expected an object with mean, std and source, got "
+                       f"{type(d).__name__}")
+    missing = [k for k in ("mean", "std", "source") if k not in d]
+    if missing:
+      raise ValueError(f"{where}: missing field(s) {missing}")
+    values = {}
+    for k in ("mean", "std"):
+      v = d[k]
+      if (not isinstance(v, list) or not v
+          or not all(isinstance(e, int | float) and not isinstance(e, bool) for e in v)):
+        raise ValueError(f"{where}: {k} must be a non-empty list of numbers, got {v!r:.80}")
+      values[k] = np.asarray(v, np.float64)
+    mean, std = values["mean"], values["std"]
+    if mean.shape != std.shape:
+      raise ValueError(f"{where}: mean has {mean.size} channels, std {std.size}")
+    for k, v in values.items():
+      if not np.isfinite(v).all() or np.abs(v).max() > np.finfo(np.float32).max:
+        raise ValueError(f"{where}: {k} has non-finite values: {v.tolist()}")
+    if (std <= 0).any():
+      raise ValueError(f"{where}: std must be > 0 in every channel, got {std.tolist()}")
+    return cls(mean.astype(np.float32), std.astype(np.float32), str(d["source"]))
+
+
+def _stats_of_file(obj: Any, path: str) -> dict[str, Stats]:
+  """``{modality: Stats}`` of a statistics file's JSON object, checked (``Stats.from_json``)."""
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path}: expected an object {{modality: statistics}}")
+  return {m: Stats.from_json(d, f"{path}: {m}") for m, d in obj.items()}
+
+
+def _read_json(path: str) -> Any:
+  """A JSON file; a syntax error raises ``ValueError`` naming the file."""
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def _channel_moments(x: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -140,15 +180,15 @@ def write_stats(path: str, stats: Mapping[str, Stats]) -> None:
 
 
 def read_stats(path: str) -> dict[str, Stats]:
-  """Reads a file written by ``write_stats``."""
-  with open(path) as f:
-    return {m: Stats.from_json(d) for m, d in json.load(f).items()}
+  """Reads a file written by ``write_stats``; raises ``ValueError`` naming the file and the
+  modality on a missing field or a bad value (see ``Stats.from_json``)."""
+  return _stats_of_file(_read_json(path), path)
 
 
 def package_stats() -> dict[str, dict[str, Stats]]:
-  """The statistics shipped with the package: ``{dataset: {modality: Stats}}``."""
-  with open(PACKAGE_FILE) as f:
-    return {ds: {m: Stats.from_json(d) for m, d in per.items()} for ds, per in json.load(f).items()}
+  """The statistics shipped with the package: ``{dataset: {modality: Stats}}`` (checked)."""
+  obj = _read_json(PACKAGE_FILE)
+  return {ds: _stats_of_file(per, f"{PACKAGE_FILE}: {ds}") for ds, per in obj.items()}
 
 
 def load_stats(dataset: str, modality: str, path: str | None = None) -> Stats:

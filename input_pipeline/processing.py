@@ -20,7 +20,8 @@ import numpy as np
 
 from anysat_jax.core import modalities as mods
 from input_pipeline import normalization, transforms
-from input_pipeline.dataset_spec import DataError, Example
+from input_pipeline.dataset_spec import DataError, Example, LabelSpec, label_problem
+from input_pipeline.datasets import registry
 
 MAX_DAY = 366
 
@@ -44,6 +45,7 @@ class ExampleProcessor:
   modalities: tuple[str, ...]
   shapes: Mapping[str, tuple[int, int, int]]   # (C, H, W) per modality.
   label_shape: tuple[int, ...] | None
+  label: LabelSpec                             # Values are checked against it.
   stats: Mapping[str, normalization.Stats]
   buckets: Mapping[str, int]
   crop: Mapping[str, int]
@@ -91,6 +93,7 @@ class ExampleProcessor:
         return "label missing"
       if ex["label"].shape != self.label_shape:
         return f"label: shape {ex['label'].shape}, expected {self.label_shape}"
+      return label_problem(self.label, ex["label"])
     return None
 
   def __call__(self, raw: Mapping[str, Any],
@@ -115,7 +118,8 @@ def build_processor(name: str, dcfg: ml_collections.ConfigDict, first: Mapping[s
                stats_path: str) -> ExampleProcessor:
   """The example processor of dataset ``name`` (config ``dcfg``, fields: see ``loader``), with
   reference shapes from ``first``, its split's first raw example; statistics from ``stats_path``
-  (``normalization.load_stats``). Raises ``ValueError`` naming the dataset on a bad config."""
+  (``normalization.load_stats``). Raises ``ValueError`` naming the dataset on a bad config, bad
+  statistics (``normalization.Stats.from_json``) or statistics of another channel count."""
   modalities = tuple(dcfg.modalities)
   buckets = {m: int(t) for m, t in dict(dcfg.buckets).items()}
   for m in modalities:
@@ -145,9 +149,15 @@ def build_processor(name: str, dcfg: ml_collections.ConfigDict, first: Mapping[s
         logging.getLogger(__name__).warning(
             "%s: label map %s differs from %s's %s, so it is not cropped with it", name,
             label_shape, m, shapes[m][1:])
+  stats = {m: normalization.load_stats(name, m, stats_path) for m in modalities}
+  for m, st in stats.items():
+    if st.mean.shape != (shapes[m][0],):
+      raise ValueError(f"{name}/{m}: normalisation statistics ({st.source}; {stats_path} or "
+                       f"{normalization.PACKAGE_FILE}) have {st.mean.size} channels, the data "
+                       f"{shapes[m][0]}")
   return ExampleProcessor(
       dataset=name, modalities=modalities, shapes=shapes, label_shape=label_shape,
-      stats={m: normalization.load_stats(name, m, stats_path) for m in modalities},
+      label=registry.get_spec(name).label, stats=stats,
       buckets=buckets, crop=crop,
       dropout=_per_modality(dcfg.get("temporal_dropout", 0.0), list(buckets)),
       max_dates=dcfg.get("max_dates"))

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from input_pipeline.dataset_spec import DataError, Example
+from input_pipeline.dataset_spec import DataError, Example, array_problem
 
 # tifffile warns on every TreeSatAI tile that GDAL_NODATA -9999 does not fit uint8; harmless.
 logging.getLogger("tifffile").setLevel(logging.ERROR)
@@ -40,6 +40,7 @@ def read_tif(path: str | os.PathLike, example_id: str) -> np.ndarray:
     series = tif.series[0]
     x = series.asarray()
     axes = series.axes
+  real_numbers(x, path, example_id)
   if axes == "YX":
     return x[None]
   if axes == "YXS":
@@ -52,7 +53,17 @@ def read_tif(path: str | os.PathLike, example_id: str) -> np.ndarray:
 def read_npy(path: str | os.PathLike, example_id: str, mmap: bool = False) -> np.ndarray:
   """``np.load`` (memory-mapped if ``mmap``) with errors as ``DataError``."""
   with guard(path, example_id):
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    x = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+  return real_numbers(x, path, example_id)
+
+
+def real_numbers(x: np.ndarray, path: str | os.PathLike, example_id: str | None) -> np.ndarray:
+  """``x`` if it holds real numbers; a complex, string or object array raises ``DataError``
+  (a cast to float32 would drop the imaginary part or parse strings silently)."""
+  problem = array_problem("array", x)
+  if problem is not None:
+    raise DataError(problem, path=os.fspath(path), example_id=example_id)
+  return x
 
 
 def read_json(path: str | os.PathLike) -> Any:

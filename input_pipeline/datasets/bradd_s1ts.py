@@ -34,7 +34,7 @@ import numpy as np
 
 from anysat_jax.core.dates import day_of_year
 from anysat_jax.io.torch_pickle.reader import load_pth
-from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec
+from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec, check_label
 from input_pipeline.datasets import _common
 
 RATIO_EPS = 1e-6
@@ -58,6 +58,8 @@ def _load(root: str, file: str, modalities: tuple[str, ...]) -> Example:
   if label.ndim != 3 or label.shape[0] < 2 or label.shape[1:] != (SIZE, SIZE):
     raise DataError(f"label of shape {label.shape}, expected (2, {SIZE}, {SIZE})", path=path,
                     example_id=key)
+  image, label = (_common.real_numbers(a, path, key) for a in (image, label))
+  check_label(SPEC.label, label[1], path, key)
   ex: Example = {"name": key, "label": label[1].astype(np.int32)}
   if "s1" in modalities:
     x = image.astype(np.float32)

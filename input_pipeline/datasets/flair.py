@@ -89,7 +89,11 @@ def _load(root: pathlib.Path, split: str, img: pathlib.Path, domain: str,
     ex["s2"], ex["s2_dates"] = _s2(root / sen_root / domain / zone / "sen", centroids[img.name],
                                    name)
   msk = root / labels_root / domain / zone / "msk" / ("MSK_" + name.removeprefix("IMG_") + ".tif")
-  ex["label"] = labels_from_codes(_common.read_tif(msk, name)[0])
+  codes = _common.read_tif(msk, name)[0]
+  if codes.min(initial=1) < 1:  # Code 0 is not a FLAIR class; it would become -1.
+    raise DataError(f"class code {codes.min()} below 1 (codes are 1-19)", path=str(msk),
+                    example_id=name)
+  ex["label"] = labels_from_codes(codes)
   return ex
 
 

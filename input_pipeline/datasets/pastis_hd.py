@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from anysat_jax.core.dates import day_of_year
-from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec
+from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec, check_label
 from input_pipeline.datasets import _common
 
 CLASSES = ("Background", "Meadow", "Soft winter wheat", "Corn", "Winter barley",
@@ -85,6 +85,7 @@ def _load(root: str, props: dict, task: str, modalities: tuple[str, ...]) -> Exa
   if target.ndim != 3:
     raise DataError(f"TARGET has shape {target.shape}, expected (3, H, W)", path=path,
                     example_id=pid)
+  check_label(SPEC.label, target[0], path, pid)  # The class map, before any cast.
   ex["label"] = (target[0].astype(np.int32) if task == "segmentation"
                  else class_multi_hot(target[0]))
   return ex

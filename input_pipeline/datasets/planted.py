@@ -60,7 +60,8 @@ def ratio_channels(x: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def _arr0(path: str, sid: str) -> np.ndarray:
   with _common.guard(path, sid), np.load(path, allow_pickle=False) as z:
-    return z["arr_0"]
+    x = z["arr_0"]
+  return _common.real_numbers(x, path, sid)
 
 
 def _load_modality(folder: str, sid: str, mod: str) -> dict[str, np.ndarray]:

@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from anysat_jax.core.dates import day_of_year
-from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec
+from input_pipeline.dataset_spec import DataError, DatasetSpec, Example, LabelSpec, check_label
 from input_pipeline.datasets import _common
 
 S2_BANDS = (1, 2, 3, 4, 5, 6, 7, 8, 11, 12)
@@ -82,7 +82,9 @@ def _load(root: str, chip: str, label_file: str, dates: dict[str, dict[str, int]
     ex["s1"] = s1_channels(s1)[None]
     ex["s1_dates"] = np.array([day["s1"]], np.int32)
   path = os.path.join(root, _HAND, "LabelHand", label_file)
-  ex["label"] = _common.read_tif(path, chip)[0].astype(np.int32)
+  label = _common.read_tif(path, chip)[0]
+  check_label(SPEC.label, label, path, chip)  # Before the cast, which would wrap values.
+  ex["label"] = label.astype(np.int32)
   return ex
 
 

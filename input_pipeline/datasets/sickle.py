@@ -104,7 +104,8 @@ def _series(root: str, uid: str, mod: str) -> dict[str, np.ndarray]:
   images, valid = [], []
   for _, _, path in dated:
     with _common.guard(path, uid), np.load(path, allow_pickle=False) as z:
-      arrays = {b: resize_nearest(z[b]) for b in bands if b is not None and b in z.files}
+      arrays = {b: resize_nearest(_common.real_numbers(z[b], path, uid))
+                for b in bands if b is not None and b in z.files}
     if any(a.shape != (SIZE, SIZE) for a in arrays.values()):
       raise DataError(f"{mod}: bands must be 2-D arrays", path=path, example_id=uid)
     images.append([arrays.get(b, np.zeros((SIZE, SIZE))) for b in bands])

@@ -44,9 +44,17 @@ _MODALITIES = {"aerial": (304, 304), "s2": (6, 6), "s1-asc": (6, 6)}
 
 
 def multi_hot(genera: Sequence[Sequence], min_fraction: float = MIN_FRACTION) -> np.ndarray:
-  """``[[genus, fraction], ...]`` → float32 (15,) multi-hot of genera with fraction > min."""
+  """``[[genus, fraction], ...]`` → float32 (15,) multi-hot of genera with fraction > min.
+
+  Raises ``ValueError`` on an unknown genus or a fraction that is not a number in [0, 1].
+  """
   y = np.zeros(len(GENERA), np.float32)
   for genus, fraction in genera:
+    # A NaN fraction compares False and would silently drop the genus.
+    if not isinstance(fraction, int | float) or not 0.0 <= fraction <= 1.0:
+      raise ValueError(f"genus {genus!r}: area fraction {fraction!r} is not a number in [0, 1]")
+    if genus not in GENERA:
+      raise ValueError(f"unknown genus {genus!r}")
     if fraction > min_fraction:
       y[GENERA.index(genus)] = 1.0
   return y
@@ -65,13 +73,13 @@ def _load(root: str, name: str, label: np.ndarray, modalities: tuple[str, ...]) 
   h5_path = os.path.join(root, "sentinel", name + ".h5")
   if "s2" in modalities:
     with _common.guard(h5_path, name), h5py.File(h5_path, "r") as f:
-      ex["s2"] = np.asarray(f["sen-2-data"], np.float32)
+      ex["s2"] = _common.real_numbers(f["sen-2-data"][()], h5_path, name).astype(np.float32)
       ex["s2_dates"] = _product_dates(f["sen-2-products"][()], 2)
     _common.check_length(ex["s2"], ex["s2_dates"], "s2", h5_path, name)
   if "s1-asc" in modalities:
     pth_path = os.path.join(root, "s1-asc", name + ".pth")
     with _common.guard(pth_path, name):
-      s1 = np.asarray(load_pth(pth_path))
+      s1 = _common.real_numbers(np.asarray(load_pth(pth_path)), pth_path, name)
       if s1.ndim != 4 or s1.shape[1] < 2:
         raise ValueError(f"expected a (T, 3, H, W) tensor, got shape {s1.shape}")
       ex["s1-asc"] = s1[:, :2].astype(np.float32)
