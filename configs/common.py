@@ -42,7 +42,7 @@ def add_run_settings(c: ml_collections.ConfigDict, *, datasets: Sequence[str],
 
 def base_config(dataset: str, *, experiment: str, modalities: Sequence[str], patch_size: int,
                 loss: str, lr: float, weight_decay: float, batch_size: int, schedule: str,
-                eval_splits: Sequence[str], train_mode: str = "finetune",
+                eval_splits: Sequence[str], train_mode: str = "finetune", eval_type: str = "",
                 dense_modality: str | None = None, proj_size: int = 1, epochs: int = 200,
                 **dataset_fields: Any) -> ml_collections.ConfigDict:
   """The config of one paper experiment (spec B.6 / B.7) on the full dataset.
@@ -55,7 +55,8 @@ def base_config(dataset: str, *, experiment: str, modalities: Sequence[str], pat
       ``ce_ignore`` (label -1 ignored), ``ce_weighted`` (last class weight 0).
     lr, weight_decay, schedule (``options.FINETUNE_SCHEDULES``), epochs: AdamW and its
       learning rate.
-    eval_splits: evaluated at the end; the first is also the periodic (monitored) one.
+    eval_splits, eval_type: ``evals`` (``set_evals``) of that type (``options.EVALUATORS``;
+      default: segmentation with a dense head, else classification).
     train_mode: ``finetune`` or ``linear_probe``.
     dense_modality, proj_size: segmentation head (``DenseHead``); None = tile classification.
     dataset_fields: loader settings of the dataset (e.g. ``temporal_dropout``, ``crop``).
@@ -84,10 +85,13 @@ def base_config(dataset: str, *, experiment: str, modalities: Sequence[str], pat
   c.optim = ml_collections.ConfigDict(dict(
       lr=lr, weight_decay=weight_decay, b1=0.9, b2=0.999, eps=1e-8, schedule=schedule,
       warmup_epochs=20, plateau_factor=0.1, plateau_patience=10))
+  # The evaluation that selects the best step and early-stops, and its batch size.
   c.eval = ml_collections.ConfigDict(dict(
-      splits=tuple(eval_splits), every_steps=ml_collections.config_dict.placeholder(int),
-      batch_size=ml_collections.config_dict.placeholder(int), select_best=True, patience=10))
-  c.figures = ml_collections.ConfigDict(dict(num_tiles=4))
+      monitor="", batch_size=ml_collections.config_dict.placeholder(int), select_best=True,
+      patience=10))
+  c.evals = {}
+  set_evals(c, eval_splits, every_steps=None,
+            type=eval_type or ("segmentation" if dense_modality else "classification"))
 
   add_run_settings(c, datasets=(dataset,), checkpoint_keep=2)
   set_dataset(c, modalities=tuple(modalities), batch_size=batch_size, split="train",
@@ -106,6 +110,21 @@ def set_dataset(c: ml_collections.ConfigDict, **fields: Any) -> None:
   c.data.datasets = {c.dataset: d}
   if d.get("manual_dir") is None:     # typed, so that --config...manual_dir=DIR can set it
     c.data.datasets[c.dataset].manual_dir = ml_collections.config_dict.placeholder(str)
+
+
+def set_evals(c: ml_collections.ConfigDict, splits: Sequence[str], every_steps: int | None,
+              type: str = "", num_figures: int = 4) -> None:  # noqa: A002
+  """Declares one evaluation per split, named after it (``type`` default: the current one):
+  the first is the monitored one (``eval.monitor``), run every ``every_steps`` (None: once per
+  epoch); the others run at the end only (``every_steps=0``). Every evaluation runs at the
+  end on the selected parameters and goes to ``metrics.json``."""
+  type = type or next(iter(c.evals.values())).type    # noqa: A001
+  c.evals = {split: dict(type=type, split=split, num_figures=num_figures,
+                         every_steps=ml_collections.config_dict.placeholder(int) if i == 0
+                         else 0) for i, split in enumerate(splits)}
+  if every_steps is not None:
+    c.evals[splits[0]].every_steps = every_steps
+  c.eval.monitor = splits[0]
 
 
 def parse_variant(arg: str | None, *, has_finetune: bool = True,
@@ -131,8 +150,7 @@ def demo(c: ml_collections.ConfigDict, *, total_steps: int, batch_size: int, lr:
   c.init.kind = "scratch"
   c.total_steps = total_steps
   c.optim.lr = lr
-  c.eval.splits = tuple(eval_splits)
-  c.eval.every_steps = eval_every
+  set_evals(c, eval_splits, every_steps=eval_every)
   c.eval.patience = 0
   c.log_every = max(1, total_steps // 10)
   c.checkpoint.every_steps = total_steps
@@ -148,3 +166,6 @@ def check_finetune(c: ml_collections.ConfigDict) -> None:
   options.check("loss", c.loss, options.LOSSES)
   options.check("optim.schedule", c.optim.schedule, options.FINETUNE_SCHEDULES)
   options.check("init.kind", c.init.kind, options.INIT_KINDS)
+  for name, spec in c.evals.items():
+    options.check(f"evals.{name}.type", spec.type, options.EVALUATORS)
+  options.check("eval.monitor", c.eval.monitor, tuple(c.evals))
