@@ -45,6 +45,7 @@ from anysat_jax.models import heads
 from anysat_jax.tasks import schedules
 from anysat_jax.tasks.finetune import FinetuneTask
 from input_pipeline import naming
+from input_pipeline.datasets import registry
 from input_pipeline.normalization import load_stats, stats_file
 
 log = logging.getLogger("anysat_jax.predict")
@@ -95,12 +96,8 @@ def _restore_params(workdir: str, checkpoint: str) -> tuple[int, Any]:
     return step, ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
-def load_run(workdir: str, checkpoint: str = "best") -> Run:
-  """The run of ``workdir``: config, task, the ``best`` or ``last`` parameters (checked against
-  the task's shapes) and the training's normalisation statistics. The encoder's initialisation
-  (``config.init``) must still be readable: it defines the encoder's configuration."""
-  if checkpoint not in CHECKPOINTS:
-    raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config of the fine-tuning run in ``workdir``."""
   path = ckpt.config_path(workdir)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a fine-tuning run?")
@@ -109,6 +106,27 @@ def load_run(workdir: str, checkpoint: str = "best") -> Run:
   if config.get("task") != "finetune":
     raise ValueError(f"{workdir} is a {config.get('task')!r} run; predict needs a fine-tuning "
                      "run")
+  return config
+
+
+def check_modalities(config: ml_collections.ConfigDict, given: Sequence[str]) -> None:
+  """Raises ValueError unless ``given`` are exactly the modalities the run was trained on."""
+  trained = tuple(config.data.datasets[config.dataset].modalities)
+  missing = [m for m in trained if m not in given]
+  extra = [m for m in given if m not in trained]
+  if missing or extra:
+    raise ValueError(f"the run was trained on {', '.join(trained)}: "
+                     + "; ".join([*([f"missing --input for {', '.join(missing)}"] * bool(missing)),
+                                  *([f"{', '.join(extra)} not used by the run"] * bool(extra))]))
+
+
+def load_run(workdir: str, checkpoint: str = "best") -> Run:
+  """The run of ``workdir``: config, task, the ``best`` or ``last`` parameters (checked against
+  the task's shapes) and the training's normalisation statistics. The encoder's initialisation
+  (``config.init``) must still be readable: it defines the encoder's configuration."""
+  if checkpoint not in CHECKPOINTS:
+    raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
+  config = read_config(workdir)
   _, enc_cfg = ckpt.load_encoder(config)
   task = FinetuneTask(config, enc_cfg, _NO_STEPS)
   step, params = _restore_params(workdir, checkpoint)
@@ -185,13 +203,7 @@ def class_dtype(num_classes: int) -> tuple[type, int]:
 def prepare_scene(run: Run, found: dict[str, Any], dates: dict[str, np.ndarray],
                   tile_m: float | None, overlap_m: float) -> embed.Scene:
   """The checked scene of the run's modalities, windows on the label grid for dense runs."""
-  missing = [m for m in run.modalities if m not in found]
-  extra = [m for m in found if m not in run.modalities]
-  if missing or extra:
-    raise ValueError(f"the run was trained on {', '.join(run.modalities)}: "
-                     + (f"missing --input for {', '.join(missing)}" if missing else "")
-                     + ("; " if missing and extra else "")
-                     + (f"{', '.join(extra)} not used by the run" if extra else ""))
+  check_modalities(run.config, list(found))
   arrays = {m: found[m] for m in run.modalities}
   task = run.task
   output = "dense" if task.dense else "tile"
@@ -304,8 +316,8 @@ def run(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
   """Predicts and writes ``args.out`` (and ``args.probs``); returns a classification run's
   table columns, None for a map."""
   inputs = cli_inputs.pairs(args.input, "--input")
-  trained = load_run(args.workdir, args.checkpoint)
-  dense = trained.task.dense
+  config = read_config(args.workdir)
+  dense = registry.get_spec(config.dataset).label.kind == "segmentation"
   suffixes = (".tif", ".tiff") if dense else tables.TABLE_SUFFIXES
   kind = "segmentation/change-detection" if dense else "classification"
   if not args.out.lower().endswith(suffixes):
@@ -318,7 +330,9 @@ def run(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
   if len(outs) == 2 and os.path.abspath(outs[0]) == os.path.abspath(outs[1]):
     raise ValueError("--out and --probs are the same file")
   outs = [atomic.check_output(o, list(inputs.values()), args.overwrite) for o in outs]
+  check_modalities(config, list(inputs))
   found = cli_inputs.read_inputs(args)
+  trained = load_run(args.workdir, args.checkpoint)
   scene = prepare_scene(trained, {n: r.data for n, r in found.items()},
                         {n: r.dates for n, r in found.items() if r.dates is not None},
                         args.tile_m, args.overlap_m)
