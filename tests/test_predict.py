@@ -1,4 +1,5 @@
-"""``python -m anysat_jax.predict`` (``inference.predict``) on fine-tuning workdirs.
+"""``python -m anysat_jax.predict`` (``inference.predict``, ``inference.predict_cli``) on
+fine-tuning workdirs.
 
 A PASTIS segmentation demo (linear probing, S2 only, 2 steps, one monitored evaluation, so
 ``best/`` exists) is run in process into a module workdir; a classification workdir is written
@@ -20,7 +21,7 @@ import tifffile
 
 from anysat_jax.checkpoints import manager as ckpt
 from anysat_jax.core.dates import day_of_year
-from anysat_jax.inference import predict
+from anysat_jax.inference import predict, predict_cli
 from anysat_jax.io import geotiff
 from anysat_jax.tasks.finetune import FinetuneTask
 from anysat_jax.trainers import finetune
@@ -80,7 +81,7 @@ def _args(run: pathlib.Path, path: pathlib.Path, *extra: str) -> list[str]:
 def test_segmentation_map_matches_the_task_logits(seg_run, tmp_path):
   path, x = _scene(tmp_path)
   out, probs = tmp_path / "map.tif", tmp_path / "probs.tif"
-  assert predict.main(_args(seg_run, path, "--out", str(out), "--probs", str(probs))) == 0
+  assert predict_cli.main(_args(seg_run, path, "--out", str(out), "--probs", str(probs))) == 0
   with tifffile.TiffFile(out) as tif:
     page = tif.pages.first
     classes = page.asarray()
@@ -107,14 +108,14 @@ def test_segmentation_map_matches_the_task_logits(seg_run, tmp_path):
   assert (classes[32:] == 255).all() and np.isnan(p[:, 32:]).all()
 
   # An existing output is kept without --overwrite.
-  assert predict.main(_args(seg_run, path, "--out", str(out))) == 2
+  assert predict_cli.main(_args(seg_run, path, "--out", str(out))) == 2
   np.testing.assert_array_equal(tifffile.imread(out), classes)
 
 
 def test_bad_inputs_give_clear_errors(seg_run, tmp_path):
   path, _ = _scene(tmp_path)
   out = str(tmp_path / "map.tif")
-  run = lambda *a: predict.run(predict.parse_args(["--workdir", str(seg_run), *a]))
+  run = lambda *a: predict_cli.run(predict_cli.parse_args(["--workdir", str(seg_run), *a]))
   s1 = tmp_path / "s1.npy"
   np.save(s1, np.load(PASTIS / "DATA_S1A/S1A_10186.npy").astype(np.float32))
   with pytest.raises(ValueError, match="trained on s2: missing --input for s2; s1 not used"):
@@ -146,7 +147,7 @@ def test_classification_run_writes_its_table(tmp_path):
   scene = np.concatenate([x, x[..., ::-1, :]], axis=-2)                # (3, 10, 64, 32)
   np.save(tmp_path / "s2.npy", scene)
   out = tmp_path / "classes.npz"
-  cols = predict.run(predict.parse_args(
+  cols = predict_cli.run(predict_cli.parse_args(
       ["--workdir", workdir, "--checkpoint", "last", "--input", f"s2={tmp_path / 's2.npy'}",
        "--dates", "s2=" + ",".join(_s2_dates(10186)), "--tile_m", "320", "--out", str(out)]))
   table = np.load(out)
@@ -158,13 +159,14 @@ def test_classification_run_writes_its_table(tmp_path):
   dates = np.array([[day_of_year(d) for d in _s2_dates(10186)]] * 2, np.float32)
   batch = {"s2": np.stack([norm[..., :32, :], norm[..., 32:, :]]), "s2_dates": dates,
            "label": np.zeros((2, 18), np.float32)}
-  want = predict.probabilities(np.asarray(jax.jit(run.task.logits)(run.params, batch)), multilabel=True)
+  logits = np.asarray(jax.jit(run.task.logits)(run.params, batch))
+  want = predict.probabilities(logits, multilabel=True)
   got = table["probabilities"]
   assert got.shape == (2, 18)
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
   np.testing.assert_array_equal(table["class"], want.argmax(-1))
   np.testing.assert_allclose(table["probability"], want.max(-1), rtol=1e-6)
   with pytest.raises(ValueError, match="--probs is for segmentation runs"):
-    predict.run(predict.parse_args(
+    predict_cli.run(predict_cli.parse_args(
         ["--workdir", workdir, "--input", f"s2={tmp_path / 's2.npy'}", "--dates", "s2=1,2,3",
          "--out", str(tmp_path / "t.npz"), "--probs", str(tmp_path / "p.tif")]))

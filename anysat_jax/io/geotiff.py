@@ -269,7 +269,8 @@ def write_rows(path: str | os.PathLike, shape: tuple[int, int, int],
       tif.write((t[..., 0] for t in tiles) if one else tiles,
                 shape=(height, width) if one else (height, width, bands),
                 dtype=dtype, tile=(side, side), photometric="minisblack",
-                planarconfig=None if one else "contig", compression=codec, metadata=None, extratags=tags)
+                planarconfig=None if one else "contig", compression=codec, metadata=None,
+                extratags=tags)
   except (KeyError, ImportError, ModuleNotFoundError) as e:
     if compression != "zstd":
       raise
