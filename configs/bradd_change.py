@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import ml_collections
 
-from anysat_jax.trainers import finetune
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  mode, demo = finetune.parse_variant(arg, has_linear_probe=True)
+  mode, demo = common.parse_variant(arg, has_linear_probe=True)
   lp = mode == "linear_probe"
-  c = finetune.base_config(
+  c = common.base_config(
       "bradd_s1ts", experiment="BraDD_AnySat_LP" if lp else "BraDD_AnySat_FT", train_mode=mode,
       modalities=("s1",), patch_size=40, dense_modality="s1", loss="ce_ignore",
       lr=2e-4 if lp else 5e-5, weight_decay=0.0, batch_size=8, schedule="plateau",
-      eval_splits=("val", "test"))
+      eval_type="change_detection", eval_splits=("val", "test"))
   if demo:
-    finetune.demo(c, total_steps=60, batch_size=3, lr=2e-3, eval_splits=("val", "test"),
+    common.demo(c, total_steps=60, batch_size=3, lr=2e-3, eval_splits=("val", "test"),
                   eval_every=20, buckets={"s1": 8})
   return c

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import ml_collections
 
-from anysat_jax.trainers import finetune
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  mode, demo = finetune.parse_variant(arg)
-  c = finetune.base_config(
+  mode, demo = common.parse_variant(arg)
+  c = common.base_config(
       "flair", experiment="FLAIR_AnySat_FT_SemSeg", train_mode=mode,
       modalities=("aerial-flair", "s2"), patch_size=10, dense_modality="aerial-flair",
       proj_size=10, loss="ce_weighted", lr=5e-5, weight_decay=1e-2, batch_size=32,
       schedule="plateau", eval_splits=("test",), temporal_dropout=0.7)
   if demo:
-    finetune.demo(c, total_steps=30, batch_size=1, lr=2e-3, eval_splits=("test",),
+    common.demo(c, total_steps=30, batch_size=1, lr=2e-3, eval_splits=("test",),
                   eval_every=15, modalities=("aerial-flair",))
   return c

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import GEOPLEX, add_run_settings
+from configs.common import GEOPLEX, TINY, add_run_settings
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -64,7 +64,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
   c.total_steps = 60
   c.log_every = 10
   c.model.size = "tiny"
-  c.model.overrides = dict(dim=64, depth=1, num_heads=4, spatial_depth=1, spatial_heads=4)
+  c.model.overrides = dict(TINY)
   c.model.predictor = dict(dim=64, depth=1, num_heads=4)
   c.optim.lr = 1e-3
   c.optim.weight_decay = 0.0

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import ml_collections
 
-from anysat_jax.trainers import finetune
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  mode, demo = finetune.parse_variant(arg)
-  c = finetune.base_config(
+  mode, demo = common.parse_variant(arg)
+  c = common.base_config(
       "pastis_hd_cls", experiment="Pastis_AnySat_FT", train_mode=mode,
       modalities=("spot", "s2", "s1"), patch_size=40, loss="bce", lr=5e-5, weight_decay=0.0,
       batch_size=4, schedule="warmup_cosine", eval_splits=("val", "test"))
   if demo:
-    finetune.demo(c, total_steps=60, batch_size=2, lr=2e-3, eval_splits=("val", "test"),
+    common.demo(c, total_steps=60, batch_size=2, lr=2e-3, eval_splits=("val", "test"),
                   eval_every=20)
   return c

@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import ml_collections
 
-from anysat_jax.trainers import finetune
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  mode, demo = finetune.parse_variant(arg, has_linear_probe=True)
+  mode, demo = common.parse_variant(arg, has_linear_probe=True)
   lp = mode == "linear_probe"
-  c = finetune.base_config(
+  c = common.base_config(
       "pastis_hd", experiment="Pastis_AnySat_LP_SemSeg" if lp else "Pastis_AnySat_FT_SemSeg",
       train_mode=mode, modalities=("s2",) if lp else ("spot", "s2", "s1"), patch_size=40,
       dense_modality="s2", loss="ce_weighted", lr=5e-5, weight_decay=0.0, batch_size=4,
       schedule="plateau", eval_splits=("val", "test"))
   if demo:
-    finetune.demo(c, total_steps=60, batch_size=2, lr=2e-3, eval_splits=("val", "test"),
+    common.demo(c, total_steps=60, batch_size=2, lr=2e-3, eval_splits=("val", "test"),
                   eval_every=20)
   return c

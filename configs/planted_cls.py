@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import ml_collections
 
-from anysat_jax.trainers import finetune
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  mode, demo = finetune.parse_variant(arg)
-  c = finetune.base_config(
+  mode, demo = common.parse_variant(arg)
+  c = common.base_config(
       "planted", experiment="Planted_AnySat_FT", train_mode=mode,
       modalities=("s2", "s1", "l7", "alos", "modis"), patch_size=30, loss="ce", lr=5e-5,
       weight_decay=1e-4, batch_size=64, schedule="plateau", eval_splits=("val", "test"),
       temporal_dropout={"s2": 0.3, "s1": 0.3, "l7": 0.3, "alos": 0.1, "modis": 0.3})
   if demo:
-    finetune.demo(c, total_steps=40, batch_size=3, lr=2e-3, eval_splits=("val", "test"),
+    common.demo(c, total_steps=40, batch_size=3, lr=2e-3, eval_splits=("val", "test"),
                   eval_every=20)
   return c

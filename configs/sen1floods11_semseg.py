@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import ml_collections
 
-from anysat_jax.trainers import finetune
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  mode, demo = finetune.parse_variant(arg, has_finetune=False)
-  c = finetune.base_config(
+  mode, demo = common.parse_variant(arg, has_finetune=False)
+  c = common.base_config(
       "sen1floods11", experiment="Sen1Floods_AnySat_LP", train_mode=mode,
       modalities=("s2", "s1"), patch_size=80, dense_modality="s2", loss="ce_ignore", lr=2e-4,
       weight_decay=0.0, batch_size=4, schedule="plateau", eval_splits=("val", "test"))
   if demo:
-    finetune.demo(c, total_steps=20, batch_size=1, lr=1e-2, eval_splits=("test",),
+    common.demo(c, total_steps=20, batch_size=1, lr=1e-2, eval_splits=("test",),
                   eval_every=10, split="test")
   return c

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import ml_collections
 
-from anysat_jax.trainers import finetune
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  mode, demo = finetune.parse_variant(arg, has_linear_probe=True)
-  c = finetune.base_config(
+  mode, demo = common.parse_variant(arg, has_linear_probe=True)
+  c = common.base_config(
       "sickle", experiment="Sickle_AnySat_LP" if mode == "linear_probe" else "Sickle_AnySat_FT",
       train_mode=mode, modalities=("l8", "s2", "s1"), patch_size=10, dense_modality="s2",
       loss="ce_ignore", lr=5e-5, weight_decay=0.0, batch_size=12, schedule="plateau",
       eval_splits=("val",))
   if demo:
-    finetune.demo(c, total_steps=40, batch_size=3, lr=2e-3, eval_splits=("val",),
+    common.demo(c, total_steps=40, batch_size=3, lr=2e-3, eval_splits=("val",),
                   eval_every=20, buckets={"l8": 8, "s2": 8, "s1": 8})
   return c

@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import ml_collections
 
-from anysat_jax.trainers import finetune
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  mode, demo = finetune.parse_variant(arg, has_linear_probe=True)
+  mode, demo = common.parse_variant(arg, has_linear_probe=True)
   lp = mode == "linear_probe"
-  c = finetune.base_config(
+  c = common.base_config(
       "timesen2crop", experiment="TS2C_AnySat_LP" if lp else "TS2C_AnySat_FT", train_mode=mode,
       modalities=("s2",), patch_size=10, loss="ce_ignore", lr=2e-4 if lp else 5e-5,
       weight_decay=0.0, batch_size=2048, schedule="warmup_cosine", epochs=200 if lp else 100,
       eval_splits=("val", "test"))
   if demo:
-    finetune.demo(c, total_steps=60, batch_size=12, lr=2e-3, eval_splits=("val", "test"),
+    common.demo(c, total_steps=60, batch_size=12, lr=2e-3, eval_splits=("val", "test"),
                   eval_every=20, buckets={"s2": 8})
   return c

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import ml_collections
 
-from anysat_jax.trainers import finetune
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  mode, demo = finetune.parse_variant(arg)
-  c = finetune.base_config(
+  mode, demo = common.parse_variant(arg)
+  c = common.base_config(
       "treesatai_ts", experiment="TSAITS_AnySat_FT", train_mode=mode,
       modalities=("aerial", "s2", "s1-asc"), patch_size=10, loss="bce", lr=5e-5,
       weight_decay=0.0, batch_size=256, schedule="warmup_cosine", eval_splits=("val", "test"))
   if demo:
-    finetune.demo(c, total_steps=40, batch_size=1, lr=2e-3, eval_splits=("train",),
+    common.demo(c, total_steps=40, batch_size=1, lr=2e-3, eval_splits=("train",),
                   eval_every=20, buckets={"s2": 16, "s1-asc": 8})
   return c

@@ -1,4 +1,5 @@
-"""Fine-tuning, linear probing and evaluation (``trainers.finetune``, ``configs/*_*.py``).
+"""Fine-tuning, linear probing and evaluation (``trainers.finetune``, ``tasks.finetune``,
+``evaluators``, ``configs/*_*.py``).
 
 Runs are in process (``finetune.run``) on trimmed experiment configs (``_trimmed``: the demo's
 tiny model, no temporal dropout, warmup + cosine, evaluation on the training split), except one
@@ -31,10 +32,13 @@ from flax import traverse_util
 from PIL import Image
 
 from anysat_jax.checkpoints import convert
+from anysat_jax.checkpoints import manager as ckpt
 from anysat_jax.evaluators import metrics
-from anysat_jax.tasks import pretrain as train
+from anysat_jax.tasks import optim, schedules
+from anysat_jax.tasks.finetune import FinetuneTask
+from anysat_jax.tasks.state import TrainState
 from anysat_jax.trainers import finetune
-from anysat_jax.trainers import pretrain as trainer
+from configs import common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WEIGHTS_V64 = REPO / "tests/testdata/parity/weights_v64.npz"
@@ -66,12 +70,10 @@ def _trimmed(name: str, arg: str, data_dir: str, *, steps: int, lr: float,
   c.log_every = max(1, steps // 5)
   c.optim.lr = lr
   c.optim.schedule = "warmup_cosine"
-  c.eval.every_steps = steps
-  c.eval.splits = (dataset_fields.get("split", "train"),)
+  common.set_evals(c, (dataset_fields.get("split", "train"),), every_steps=steps, num_figures=2)
   c.checkpoint.every_steps = steps
   c.checkpoint.use_async = False
-  c.figures.num_tiles = 2
-  finetune.set_dataset(c, temporal_dropout=0.0, **dataset_fields)
+  common.set_dataset(c, temporal_dropout=0.0, **dataset_fields)
   return c
 
 
@@ -95,18 +97,23 @@ def _logged(workdir: pathlib.Path, tag: str) -> list[float]:
 
 def _check_overfit(workdir: pathlib.Path, out: dict, metric: str, at_least: float,
                    loss_below: float, split: str = "train") -> None:
-  """The logged training loss falls; on the evaluated training tiles the loss is below
-  ``loss_below`` and the monitored metric at least ``at_least``."""
+  """The logged training loss falls; on the evaluated training tiles (evaluation ``split``)
+  the loss is below ``loss_below`` and the monitored metric at least ``at_least``; the run's
+  summary.json holds the same final results."""
   losses = _logged(workdir, "train/loss")
   assert len(losses) >= 3 and losses[-1] < 0.5 * losses[0], losses
-  result = out["splits"][split]
+  result = out["evals"][split]
+  with open(workdir / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["steps"] == out["step"] and np.isfinite(summary["final_loss"])
+  assert summary["metrics"][f"{split}/{metric}"] == pytest.approx(result[metric])
   assert result["loss"] < loss_below, result
   assert result[metric] >= at_least, result
   assert out["monitor"] == metric
 
 
 def _params(workdir: pathlib.Path, step: int | None = None) -> dict:
-  return finetune.restore_raw(str(workdir), step)[1]["params"]
+  return ckpt.restore_raw(str(workdir), step)[1]["params"]
 
 
 def _flat(tree) -> dict:
@@ -157,6 +164,13 @@ def test_configs_hold_the_paper_settings():
     demo = _config(name, "demo")
     assert demo.init.kind == "scratch" and demo.model.overrides.dim == 64
     assert demo.total_steps <= 60 and demo.train_mode == mode
+    kind = ("change_detection" if name == "bradd_change" else
+            "segmentation" if c.head.dense_modality else "classification")
+    for cfg in (c, demo):
+      assert {e.type for e in cfg.evals.values()} == {kind}, name
+      assert cfg.eval.monitor in cfg.evals and cfg.evals[cfg.eval.monitor].every_steps != 0
+      assert all(e.every_steps == 0 for n, e in cfg.evals.items() if n != cfg.eval.monitor)
+      assert all(e.split == n for n, e in cfg.evals.items())
   lp = {"pastis_semseg": ("Pastis_AnySat_LP_SemSeg", 5e-5, ("s2",)),
         "bradd_change": ("BraDD_AnySat_LP", 2e-4, ("s1",)),
         "sickle_semseg": ("Sickle_AnySat_LP", 5e-5, ("l8", "s2", "s1")),
@@ -167,6 +181,8 @@ def test_configs_hold_the_paper_settings():
       assert (c.experiment, c.train_mode) == (exp, "linear_probe")
       assert tuple(c.data.datasets[c.dataset].modalities) == modalities
     assert _config(name, "lp").optim.lr == lr
+  assert _config("pastis_semseg").eval.monitor == "val"
+  assert _config("pastis_semseg", "demo").evals.val.every_steps == 20
   assert _config("timesen2crop_cls", "lp").epochs == 200
   assert _config("planted_cls").data.datasets.planted.temporal_dropout.alos == 0.1
   assert _config("flair_semseg").head.proj_size == 10
@@ -177,30 +193,30 @@ def test_configs_hold_the_paper_settings():
 
 def test_steps_and_learning_rate_schedules():
   c = _config("pastis_semseg")                   # 200 epochs, warmup 20, batch 4
-  steps = finetune.steps_for(c, num_train=1455)
+  steps = schedules.steps_for(c, num_train=1455)
   assert (steps.per_epoch, steps.total, steps.eval_every, steps.min_steps) == (
       363, 72600, 363, 50 * 363)
   c.optim.schedule = "warmup_cosine"
-  lr = finetune.learning_rate(c, steps)
+  lr = schedules.finetune_lr(c, steps)
   assert steps.warmup == 7260
   assert float(lr(0)) == 0.0 and np.isclose(float(lr(7260)), 5e-5)
   assert np.isclose(float(lr(3630)), 2.5e-5) and float(lr(72600)) < 1e-12
-  c.total_steps, c.eval.every_steps = 100, 7
-  steps = finetune.steps_for(c, num_train=1455)
+  c.total_steps = 100
+  steps = schedules.steps_for(c, num_train=1455, eval_every=7)
   assert (steps.total, steps.eval_every, steps.warmup) == (100, 7, 10)
 
   # ReduceLROnPlateau on the epoch-mean training loss: x 0.1 once more than `patience` epochs
   # did not improve (torch's rule).
   c.optim.schedule, c.optim.plateau_patience = "plateau", 2
-  steps = finetune.Steps(per_epoch=3, total=100, eval_every=3, warmup=0, min_steps=0)
+  steps = schedules.Steps(per_epoch=3, total=100, eval_every=3, warmup=0, min_steps=0)
   params = {"encoder": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
-  tx = finetune.make_optimizer(c, steps, {"encoder": {"w": True}, "head": {"w": True}})
+  tx = optim.finetune_optimizer(c, steps, {"encoder": {"w": True}, "head": {"w": True}})
   state = tx.init(params)
   update = jax.jit(lambda s: tx.update(params, s, params, value=jnp.float32(1.0))[1])
   scales = []
   for _ in range(12):                          # a constant loss never improves after epoch 1
     state = update(state)
-    scales.append(float(finetune.plateau_scale(state)))
+    scales.append(float(schedules.plateau_scale(state)))
   assert scales[:11] == [1.0] * 11 and np.isclose(scales[11], 0.1), scales
 
 
@@ -212,7 +228,7 @@ def test_finetune_multilabel_treesatai_overfits(data_dir, tmp_path):
   c = _trimmed("treesatai_ts_cls", "demo", data_dir, steps=30, lr=5e-3)
   out = _run(c, tmp_path)
   _check_overfit(tmp_path, out, "F1_Score_weighted", 1.0, 0.05)
-  assert out["splits"]["train"]["F1_per_class"][0] == 1.0      # Abies
+  assert out["evals"]["train"]["F1_per_class"][0] == 1.0      # Abies
   assert not os.listdir(tmp_path / "figures")                  # multilabel: no figure
 
 
@@ -225,7 +241,7 @@ def test_finetune_semantic_segmentation_pastis_overfits(data_dir, tmp_path):
   c.head.dense_modality = "spot"
   out = _run(c, tmp_path)
   _check_overfit(tmp_path, out, "mIoU", 0.9, 0.1, split="val")
-  val = out["splits"]["val"]
+  val = out["evals"]["val"]
   assert val["acc"] > 95 and val["IoU_per_class"][19] is None        # void dropped
   assert np.asarray(val["confusion"]).shape == (20, 20)
   assert np.asarray(val["confusion"]).sum() == 2 * 32 * 32
@@ -256,31 +272,32 @@ def test_linear_probe_flood_segmentation_keeps_the_encoder(data_dir, tmp_path):
   c.model.projectors = {"s2": {"mlp_in": (64, 64, 64, 128, 64)}}
   out = _run(c, tmp_path)
   losses = _logged(tmp_path, "train/loss")
-  test = out["splits"]["test"]
+  test = out["evals"]["test"]
   assert losses[-1] < 0.6 * losses[0] and test["loss"] < 0.45, (losses, test)
   assert test["mIoU"] > 0.65 and test["mAcc"] > 0.85, test
 
-  enc, enc_cfg = finetune.load_encoder(c)
-  exp = finetune.make_experiment(c, enc_cfg, finetune.steps_for(c, 1))
-  initial = jax.jit(lambda: finetune.init_state(exp, None, c.seed))().params
+  _, enc_cfg = ckpt.load_encoder(c)
+  task = FinetuneTask(c, enc_cfg, schedules.steps_for(c, 1))
+  initial = jax.jit(lambda: task.init_state(None))().params
   final = _params(tmp_path)
   _assert_bitwise_equal(final["encoder"], initial["encoder"])
   moved = [k for k, v in _flat(final["head"]).items()
            if not np.array_equal(v, _flat(initial["head"])[k])]
   assert sorted(moved) == ["linear/bias", "linear/kernel", "norm/bias", "norm/scale"]
   # The optimiser holds the head's moments only.
-  opt = finetune.restore_raw(str(tmp_path))[1]["opt_state"]
+  opt = ckpt.restore_raw(str(tmp_path))[1]["opt_state"]
   sizes = [np.size(x) for x in jax.tree.leaves(opt)]
   head_size = sum(np.size(x) for x in jax.tree.leaves(final["head"]))
   assert sum(sizes) < 3 * head_size + 100
 
 
 def test_demo_preset_runs_from_the_command_line(data_dir, tmp_path):
-  """``timesen2crop_cls.py:demo`` through ``anysat_jax.main``; evaluated on the training split
-  too, without temporal dropout, it fits the 12 training pixels (multiclass)."""
+  """``timesen2crop_cls.py:demo`` through ``anysat_jax.main``; its monitored evaluation
+  pointed at the training split, without temporal dropout, it fits the 12 training pixels
+  (multiclass)."""
   cmd = [sys.executable, "-m", "anysat_jax.main",
          "--config=configs/timesen2crop_cls.py:demo", f"--workdir={tmp_path}",
-         f"--config.data.data_dir={data_dir}", "--config.eval.splits=('train','val')",
+         f"--config.data.data_dir={data_dir}", "--config.evals.val.split=train",
          "--config.data.datasets.timesen2crop.temporal_dropout=0.0"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -288,12 +305,13 @@ def test_demo_preset_runs_from_the_command_line(data_dir, tmp_path):
   with open(tmp_path / "metrics.json") as f:
     out = json.load(f)
   assert (out["experiment"], out["step"], out["monitor"]) == ("TS2C_AnySat_FT", 60, "OA")
-  _check_overfit(tmp_path, out, "OA", 1.0, 0.1)
-  assert set(out["splits"]) == {"train", "val"}
-  for split in ("train", "val"):
-    assert _png_size(tmp_path / f"figures/{split}_confusion.png") == (800, 800)
-  assert "train: train/F1_Score_macro=" in proc.stdout
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["60"]
+  _check_overfit(tmp_path, out, "OA", 1.0, 0.1, split="val")
+  assert {n: e["split"] for n, e in out["evals"].items()} == {"val": "train", "test": "test"}
+  for name in ("val", "test"):
+    assert _png_size(tmp_path / f"figures/{name}_confusion.png") == (800, 800)
+  assert "val: val/F1_Score_macro=" in proc.stdout
+  assert "final: step=60 loss=" in proc.stdout
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["60", "config.json"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +329,7 @@ def test_init_from_converted_checkpoint(data_dir, tmp_path):
   for path in (tmp_path / "v64", WEIGHTS_V64):
     c = _config("planted_cls", "demo")
     c.init.kind, c.init.path = "converted", str(path)
-    params, cfg = finetune.load_encoder(c)
+    params, cfg = ckpt.load_encoder(c)
     assert sorted(cfg.modality_names) == sorted(c.data.datasets.planted.modalities)
     assert all(p.date_period == 366.0 for _, p in cfg.projectors)
     want = {k: v for k, v in full.items()
@@ -322,7 +340,7 @@ def test_init_from_converted_checkpoint(data_dir, tmp_path):
     assert (cfg.dim, cfg.depth, cfg.spatial_depth) == (64, 2, 2)
   c.init.path = ""
   with pytest.raises(ValueError, match="init.path"):
-    finetune.load_encoder(c)
+    ckpt.load_encoder(c)
 
 
 def _pretraining_workdir(workdir: pathlib.Path, student: dict, teacher: dict) -> None:
@@ -334,10 +352,10 @@ def _pretraining_workdir(workdir: pathlib.Path, student: dict, teacher: dict) ->
   config = geoplex.get_config("demo")
   config.checkpoint.use_async = False
   params = {"encoder": student, "predictor": {"w": jnp.zeros((3,))}, "mask_token": jnp.zeros(64)}
-  opt_state = jax.jit(train.make_optimizer(config).init)(params)
+  opt_state = jax.jit(optim.pretrain_optimizer(config).init)(params)
   opt_state = (opt_state[0], opt_state[1]._replace(teacher=teacher))
-  state = train.TrainState(jnp.array(7, jnp.int32), params, opt_state, jax.random.key(0))
-  with trainer.checkpoint_manager(str(workdir), config) as manager:
+  state = TrainState(jnp.array(7, jnp.int32), params, opt_state, jax.random.key(0))
+  with ckpt.checkpoint_manager(str(workdir), config) as manager:
     manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                             data=ocp.args.JsonSave({"step": 7})))
 
@@ -349,7 +367,7 @@ def test_init_from_pretraining_teacher_linear_probe_and_resume(data_dir, tmp_pat
   c = _trimmed("timesen2crop_cls", "lp_demo", data_dir, steps=40, lr=1e-1)
   c.init.kind, c.init.path = "pretrain", str(tmp_path / "pretrain")
   c.model.overrides = V64
-  params, _ = finetune.load_encoder(c)
+  params, _ = ckpt.load_encoder(c)
   want = {k: v for k, v in teacher.items()
           if not k.startswith("projector_") or k == "projector_s2"}
   _assert_bitwise_equal(params, want)
@@ -358,7 +376,7 @@ def test_init_from_pretraining_teacher_linear_probe_and_resume(data_dir, tmp_pat
   work = tmp_path / "ft"
   finetune.run(c, str(work), {"requested": True})
   assert not (work / "metrics.json").exists()
-  assert finetune.restore_raw(str(work))[0] == 1
+  assert ckpt.restore_raw(str(work))[0] == 1
   out = _run(c, work)
   assert out["step"] == 40
   # 12 points, 64 frozen random features: all classified right, the loss far below its
@@ -370,4 +388,4 @@ def test_init_from_pretraining_teacher_linear_probe_and_resume(data_dir, tmp_pat
 
   c.model.overrides = dict(V64, depth=1)
   with pytest.raises(convert.CheckpointError, match="combiner/block_1"):
-    finetune.load_encoder(c)
+    ckpt.load_encoder(c)

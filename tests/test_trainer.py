@@ -1,13 +1,16 @@
-"""The pretraining loop: ``python -m anysat_jax.main`` end to end, and ``train.train_step``.
+"""The pretraining loop (``python -m anysat_jax.main`` end to end), ``PretrainTask.train_step``
+and the resume helpers of ``checkpoints.manager``.
 
 Subprocess runs (helpers in ``trainer_testlib``) use a trimmed demo config (PLANTED s2 + s1,
 8 steps; see ``trainer_testlib.trimmed_config``) on the shipped samples, prepared once per
 module; they start together at the module's first test and run in background threads while
-the in-process tests run. Checked: a (data=2, fsdp=4) mesh over 8 CPU devices and 2 processes
-(gloo collectives, FSDP across them) against a single-device run; one compile per (dataset,
-patch size) bucket; kill -9 / SIGTERM and resume against an uninterrupted run, and a rerun of
-a finished run; non-finite losses. In process: one step leaves the projectors of absent
-modalities untouched, the EMA teacher follows its schedule, and ``skip`` skips a step.
+the in-process tests run; their results are read from ``summary.json``. Checked: a (data=2,
+fsdp=4) mesh over 8 CPU devices and 2 processes (gloo collectives, FSDP across them) against a
+single-device run; one compile per (dataset, patch size) bucket; kill -9 / SIGTERM and resume
+against an uninterrupted run, SIGTERM to one of two processes, and a rerun of a finished run;
+non-finite losses. In process: one step leaves the projectors of absent modalities untouched,
+the EMA teacher follows its schedule, ``skip`` skips a step; a damaged newest checkpoint falls
+back to the previous one; a resume with another model names the differing keys.
 """
 
 from __future__ import annotations
@@ -22,13 +25,17 @@ from collections import Counter
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import trainer_testlib as tl
 
+from anysat_jax.checkpoints import manager as ckpt
 from anysat_jax.core import modalities as mods
 from anysat_jax.tasks import optim
 from anysat_jax.tasks import pretrain as train
+from anysat_jax.tasks.state import TrainState
 from anysat_jax.trainers import pretrain as trainer
 from input_pipeline import loader, mixture, prepare
 
@@ -66,7 +73,8 @@ def _start(env: Env, name: str, overrides: dict | None = None, mode: tuple[str, 
            devices: int | None = None, config: str = "", log: str = "") -> tl.Proc:
   cfg = f"{env.config_file}:{config}" if config else env.config_file
   args = tl.main_args(cfg, env.workdir(name), overrides, mode)
-  return tl.Proc(args, tl.subprocess_env(env.cache_dir, devices), env.logs, log or name)
+  return tl.Proc(args, tl.subprocess_env(env.cache_dir, devices), env.logs, log or name,
+                 env.workdir(name))
 
 
 def _ok(run: tl.Run) -> tl.Run:
@@ -89,18 +97,37 @@ def _sharded(env: Env, runs: tl.Scenarios) -> tl.Run:
   return _start(env, "sharded", SHARDED, mode=("sharded",), devices=8).wait(TIMEOUT)
 
 
+def _two_process_flags(port: int, i: int) -> dict:
+  return {"distributed.coordinator_address": f"127.0.0.1:{port}",
+          "distributed.num_processes": 2, "distributed.process_id": i,
+          "distributed.cpu_collectives": "gloo", "data.shard_by_process": False,
+          # FSDP across the processes too: each holds half of the large leaves.
+          "mesh.data": 1, "mesh.fsdp": 2, "mesh.fsdp_min_size": 1024}
+
+
 def _two_processes(env: Env, runs: tl.Scenarios) -> list[tl.Run]:
   port = tl.free_port()
-  procs = []
-  for i in range(2):
-    overrides = {"distributed.coordinator_address": f"127.0.0.1:{port}",
-                 "distributed.num_processes": 2, "distributed.process_id": i,
-                 "distributed.cpu_collectives": "gloo", "data.shard_by_process": False,
-                 # FSDP across the processes too: each holds half of the large leaves.
-                 "mesh.data": 1, "mesh.fsdp": 2, "mesh.fsdp_min_size": 1024}
-    # One workdir for both: orbax writes one checkpoint from all processes.
-    procs.append(_start(env, "two_processes", overrides, log=f"two_processes_{i}"))
+  # One workdir for both: orbax writes one checkpoint from all processes.
+  procs = [_start(env, "two_processes", _two_process_flags(port, i), log=f"two_processes_{i}")
+           for i in range(2)]
   return [p.wait(TIMEOUT) for p in procs]
+
+
+def _two_processes_one_sigterm(env: Env, runs: tl.Scenarios) -> tuple[list, list[int], list]:
+  """The 2-process run, SIGTERM to process 1 only once the trainers started; then resumed."""
+  runs.result("two_processes")      # its compiled programs are in the cache now
+  port = tl.free_port()
+  procs = [_start(env, "two_sigterm", _two_process_flags(port, i), log=f"two_sigterm_{i}")
+           for i in range(2)]
+  tl.wait_until(lambda: "mesh {" in procs[1].stderr_text(), procs[1], TIMEOUT,
+                "the trainer start")
+  procs[1].signal(signal.SIGTERM)
+  stopped = [p.wait(TIMEOUT) for p in procs]
+  saved = tl.checkpoint_steps(env.workdir("two_sigterm"))
+  port = tl.free_port()
+  procs = [_start(env, "two_sigterm", _two_process_flags(port, i), log=f"two_sigterm_resumed_{i}")
+           for i in range(2)]
+  return stopped, saved, [p.wait(TIMEOUT) for p in procs]
 
 
 def _covering_seed(config, times: int = 2) -> tuple[int, list[tuple[str, int]]]:
@@ -159,7 +186,8 @@ def _rerun(env: Env, runs: tl.Scenarios) -> tl.Run:
 # In start order; the runs each test needs.
 SCENARIOS = {"reference": _reference, "sharded": _sharded, "two_processes": _two_processes,
              "compiles": _compiles, "killed": _killed, "sigterm": _sigterm,
-             "nonfinite": _nonfinite, "rerun": _rerun}
+             "nonfinite": _nonfinite, "rerun": _rerun,
+             "two_sigterm": _two_processes_one_sigterm}
 NEEDS = {
     "test_sharded_equals_single_device": ("reference", "sharded"),
     "test_two_processes_equal_one_process": ("reference", "two_processes"),
@@ -168,6 +196,7 @@ NEEDS = {
     "test_rerun_of_a_finished_run": ("reference", "rerun"),
     "test_sigterm_saves_and_exits_cleanly": ("reference", "sigterm"),
     "test_nonfinite_loss_stops_and_keeps_last_checkpoint": ("reference", "nonfinite"),
+    "test_sigterm_to_one_of_two_processes_stops_both": ("two_processes", "two_sigterm"),
 }
 
 
@@ -190,7 +219,14 @@ def runs(request, env):
 
 @pytest.fixture(scope="module")
 def reference(runs) -> tl.Run:
-  return _ok(runs.result("reference"))
+  run = _ok(runs.result("reference"))
+  step, loss, fingerprint = tl.final(run)
+  assert step == 8 and np.isfinite(loss) and run.summary["num_compiles"] == 1
+  assert run.summary["metrics"]["loss/planted"] == pytest.approx(loss, rel=REL)
+  # The lines printed for users say the same.
+  assert f"final: step=8 loss={loss:.6f} fingerprint={fingerprint}" in run.stdout
+  assert "compiles: 1 for 1 buckets" in run.stdout
+  return run
 
 
 def _losses(run: tl.Run) -> dict[int, float]:
@@ -249,7 +285,7 @@ def _run_steps(config, data, rng):
                        nu=jax.tree.map(functools.partial(noise, positive=True), adam.nu))
   ema = ema._replace(teacher=jax.tree.map(noise, ema.teacher))
   s0 = s0.replace(opt_state=(adam, ema))
-  step_fn = jax.jit(functools.partial(train.train_step, config=config, patch_size=30))
+  step_fn = jax.jit(functools.partial(train.PretrainTask(config).train_step, patch_size=30))
   state, states, batches, metrics = s0, [tl.host(s0)], [], []
   for i in range(4):
     name, patch, batch = next(data)
@@ -387,10 +423,12 @@ def test_two_processes_equal_one_process(env, runs, reference):
     assert "mesh {'data': 1, 'fsdp': 2} over 2 devices, 2 processes" in r.stderr
   specs = tl.saved_partition_specs(env.workdir("two_processes"), 8)
   assert "fsdp" in specs["params.encoder.combiner.block_0.mlp.fc1.kernel"]
-  finals = [tl.final(r.stdout) for r in two]
-  assert finals[0] == finals[1]
-  step, loss, fingerprint = finals[0]
-  ref_step, ref_loss, ref_fingerprint = tl.final(reference.stdout)
+  step, loss, fingerprint = tl.final(two[0])       # process 0 writes the summary
+  ref_step, ref_loss, ref_fingerprint = tl.final(reference)
+  # Both processes print the same final line (the fingerprint gathers across them).
+  assert two[0].stdout.splitlines()[-1] == two[1].stdout.splitlines()[-1]
+  assert two[0].stdout.splitlines()[-1] == f"final: step=8 loss={loss:.6f} " \
+                                           f"fingerprint={fingerprint}"
   assert step == ref_step == 8
   assert loss == pytest.approx(ref_loss, rel=REL)
   _assert_same_losses(two[0], reference)
@@ -412,7 +450,9 @@ def test_one_compile_per_bucket(env, runs):
   pairs = {(n, p) for n, sizes in tl.COMPILE_PATCHES.items() for p in sizes}
   assert len(pairs) == 4 and set(picks) == pairs and min(Counter(picks).values()) >= 2
   _ok(run)
-  assert tl.compiles(run.stdout) == (len(pairs), len(pairs))
+  assert tl.compiles(run) == (len(pairs), len(pairs))
+  assert run.summary["compiles"] == {f"{n}/{p}": 1 for n, p in pairs}
+  assert f"compiles: {len(pairs)} for {len(pairs)} buckets" in run.stdout
   # The per-dataset losses logged at every step show the datasets the mixture drew.
   logged = tl.logged_scalars(run.stderr)
   for step, (name, _) in enumerate(picks, start=1):
@@ -425,12 +465,12 @@ def test_one_compile_per_bucket(env, runs):
 def test_kill_and_resume_equals_uninterrupted(runs, reference):
   killed, resumed = runs.result("killed")
   assert killed.returncode == -signal.SIGKILL, killed.describe()
-  assert "final:" not in killed.stdout
+  assert killed.summary is None
   _ok(resumed)
   found = re.findall(r"^resumed from checkpoint at step (\d+)$", resumed.stdout, re.M)
   assert found and int(found[0]) in (4, 8), resumed.stdout   # 8: killed before it exited
-  step, loss, fingerprint = tl.final(resumed.stdout)
-  ref_step, ref_loss, ref_fingerprint = tl.final(reference.stdout)
+  step, loss, fingerprint = tl.final(resumed)
+  ref_step, ref_loss, ref_fingerprint = tl.final(reference)
   assert (step, fingerprint) == (ref_step, ref_fingerprint)
   assert loss == ref_loss or int(found[0]) == 8
 
@@ -439,10 +479,10 @@ def test_rerun_of_a_finished_run(runs, reference):
   """Starting again a run whose last checkpoint is at ``total_steps`` changes nothing."""
   run = _ok(runs.result("rerun"))
   assert "resumed from checkpoint at step 8" in run.stdout
-  assert tl.compiles(run.stdout) == (0, 0)
-  step, loss, fingerprint = tl.final(run.stdout)
-  assert (step, fingerprint) == (8, tl.final(reference.stdout)[2])
-  assert np.isnan(loss)          # no step ran
+  assert tl.compiles(run) == (0, 0)
+  step, loss, fingerprint = tl.final(run)
+  assert (step, fingerprint) == (8, tl.final(reference)[2])
+  assert np.isnan(loss) and run.summary["final_loss"] is None       # no step ran
 
 
 # --- 5. SIGTERM: save and exit cleanly ----------------------------------------------------
@@ -452,14 +492,14 @@ def test_sigterm_saves_and_exits_cleanly(env, runs, reference):
   stopped, saved, resumed = runs.result("sigterm")
   _ok(stopped)
   assert "stopped by signal at step 1; checkpoint saved" in stopped.stdout
-  assert "final:" not in stopped.stdout
+  assert stopped.summary is None
   assert saved == [1]
   state, data = tl.restore(env.workdir("sigterm"), env.config(), 1)
   assert int(state.step) == 1 and data["step"] == 1
   # Resuming from step 1 ends where the uninterrupted run does.
   _ok(resumed)
   assert "resumed from checkpoint at step 1" in resumed.stdout
-  assert tl.final(resumed.stdout) == tl.final(reference.stdout)
+  assert tl.final(resumed) == tl.final(reference)
 
 
 # --- 6. non-finite losses -----------------------------------------------------------------
@@ -472,7 +512,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(env, runs, reference):
   assert run.returncode != 0, run.describe()
   assert "NonFiniteLossError: non-finite loss at step 5 (planted, patch 30 m)" in run.stderr
   assert "last good checkpoint: step 4" in run.stderr
-  assert "final:" not in run.stdout
+  assert run.summary is None
   assert tl.checkpoint_steps(env.workdir("nonfinite")) == [4]
   config = env.config()
   state, data = tl.restore(env.workdir("nonfinite"), config, 4)
@@ -482,3 +522,70 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(env, runs, reference):
   want, _ = tl.restore(env.workdir("reference"), config, 4)
   for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both(env, runs):
+  """SIGTERM to process 1 alone: the stop is agreed across processes, so both save the same
+  step, print the same line and exit 0 (no deadlock in the collective save); resumed, the run
+  ends where the uninterrupted 2-process run does, bit for bit."""
+  stopped, saved, resumed = runs.result("two_sigterm")
+  lines = []
+  for r in stopped:
+    _ok(r)
+    assert r.summary is None
+    lines.append(re.findall(r"^stopped by signal at step (\d+); checkpoint saved$", r.stdout,
+                            re.M))
+  assert lines[0] == lines[1] and len(lines[0]) == 1, lines
+  step = int(lines[0][0])
+  assert 1 <= step < 8 and saved == sorted({step, *(s for s in (4,) if s < step)}), saved
+  for r in resumed:
+    _ok(r)
+    assert f"resumed from checkpoint at step {step}" in r.stdout
+  want = _ok(runs.result("two_processes")[0])
+  assert tl.final(resumed[0]) == tl.final(want)
+
+
+# --- Resume that survives: damaged checkpoints, another model -----------------------------
+
+
+def _tiny_state(i: int) -> TrainState:
+  return TrainState(jnp.int32(i), {"w": jnp.arange(1000, dtype=jnp.float32) + i},
+                    {"m": jnp.ones(3) * i}, jax.random.key(i))
+
+
+@pytest.mark.parametrize("damage", ["arrays", "iterator"])
+def test_damaged_newest_checkpoint_falls_back(tmp_path, damage):
+  """A truncated array file, or a truncated data-iterator state, in the newest checkpoint:
+  the step is moved to ``corrupt-<step>`` and the previous one restored."""
+  config = ml_collections.ConfigDict(dict(checkpoint=dict(keep=5, use_async=False)))
+  with ckpt.checkpoint_manager(str(tmp_path), config) as manager:
+    for i in (1, 2):
+      manager.save(i, args=ocp.args.Composite(state=ocp.args.StandardSave(_tiny_state(i)),
+                                              data=ocp.args.JsonSave({"step": i})))
+  step_dir = tmp_path / "checkpoints" / "2"
+  if damage == "arrays":
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+    big = max(files, key=lambda p: p.stat().st_size)
+    big.write_bytes(big.read_bytes()[:100])
+  else:
+    (step_dir / "data" / "metadata").write_text('{"step": ')
+  data = {}
+  with ckpt.checkpoint_manager(str(tmp_path), config) as manager:
+    step, state = ckpt.restore_latest(manager, jax.eval_shape(lambda: _tiny_state(0)),
+                                      data.update)
+  assert step == 1 and data == {"step": 1}
+  np.testing.assert_array_equal(np.asarray(state.params["w"]), np.arange(1000) + 1.0)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "corrupt-2"]
+
+
+def test_resume_with_another_model_names_the_keys(env, tmp_path):
+  config = env.config()
+  ckpt.write_config(str(tmp_path), config)
+  other = env.config()
+  other.total_steps = 20
+  assert ckpt.check_config(str(tmp_path), other) == ["total_steps"]
+  other.model.overrides = dict(other.model.overrides, dim=128)
+  other.model.predictor.depth = 2
+  with pytest.raises(ValueError, match=r"model.overrides.dim: saved 64, now 128; "
+                                       r"model.predictor.depth: saved 1, now 2"):
+    ckpt.check_config(str(tmp_path), other)

@@ -1,9 +1,9 @@
 """Helpers of ``test_trainer.py``: a trimmed demo config, ``anysat_jax.main`` in subprocesses
-run side by side, output parsing and checkpoint restoring.
+run side by side, their ``summary.json`` and logged scalars, and checkpoint restoring.
 
 Every subprocess of a test module shares one persistent XLA compilation cache, so that runs of
-the same config compile once; the trainer still *traces* each bucket in every run, so its
-``compiles: <n> for <m> buckets`` count is unaffected.
+the same config compile once; the trainer still *traces* each bucket in every run, so the
+compile counts of its ``summary.json`` are unaffected.
 
 Run as a script (``python tests/trainer_testlib.py MODE [main flags]``) it wraps
 ``anysat_jax.main``:
@@ -150,13 +150,15 @@ def main_args(config: str | os.PathLike, workdir: str | os.PathLike,
 
 @dataclasses.dataclass
 class Run:
-  """A finished (or killed) subprocess: exit code, outputs, wall and CPU time."""
+  """A finished (or killed) subprocess: exit code, outputs, wall and CPU time, and the
+  ``summary.json`` of its workdir as it was when the process ended (None: not written)."""
 
   returncode: int
   stdout: str
   stderr: str
   seconds: float
   cpu_seconds: float = 0.0
+  summary: dict | None = None
 
   def describe(self) -> str:
     return (f"exit {self.returncode} after {self.seconds:.1f} s ({self.cpu_seconds:.1f} s CPU)"
@@ -169,8 +171,12 @@ class Proc:
   live: set[Proc] = set()   # started, not yet waited for (``kill_all``)
   finished: list[tuple[str, float, float]] = []   # (name, wall seconds, CPU seconds)
 
-  def __init__(self, args: list[str], env: dict[str, str], log_dir: pathlib.Path, name: str):
+  def __init__(self, args: list[str], env: dict[str, str], log_dir: pathlib.Path, name: str,
+               workdir: pathlib.Path | None = None):
     log_dir = pathlib.Path(log_dir)
+    self.workdir = workdir
+    if workdir is not None and (pathlib.Path(workdir) / "summary.json").exists():
+      (pathlib.Path(workdir) / "summary.json").unlink()     # a summary of an earlier run
     log_dir.mkdir(parents=True, exist_ok=True)
     self.out_path, self.err_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
     self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")  # noqa: SIM115
@@ -214,7 +220,7 @@ class Proc:
     self._err.close()
     run = Run(self.popen.returncode, self.out_path.read_text(errors="replace"),
               self.err_path.read_text(errors="replace"), time.time() - self.start,
-              self.cpu_seconds)
+              self.cpu_seconds, read_summary(self.workdir) if self.workdir else None)
     Proc.finished.append((self.name, run.seconds, run.cpu_seconds))
     if timed_out:
       raise TimeoutError(f"{self.popen.args} timed out after {timeout} s\n{run.describe()}")
@@ -273,23 +279,27 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-_FINAL = re.compile(r"^final: step=(\d+) loss=(\S+) fingerprint=([0-9a-f]+)$", re.M)
-_COMPILES = re.compile(r"^compiles: (\d+) for (\d+) buckets$", re.M)
 _SCALARS = re.compile(r"\] \[(\d+)\] (.*)$", re.M)
 
 
-def final(out: str) -> tuple[int, float, str]:
-  """(step, loss, fingerprint) of the ``final:`` line."""
-  found = _FINAL.findall(out)
-  assert len(found) == 1, f"expected one 'final:' line in:\n{out}"
-  step, loss, fp = found[0]
-  return int(step), float(loss), fp
+def read_summary(workdir: str | os.PathLike) -> dict | None:
+  """The run's ``workdir/summary.json`` (None if absent)."""
+  path = pathlib.Path(workdir) / "summary.json"
+  return json.loads(path.read_text()) if path.exists() else None
 
 
-def compiles(out: str) -> tuple[int, int]:
-  found = _COMPILES.findall(out)
-  assert len(found) == 1, f"expected one 'compiles:' line in:\n{out}"
-  return int(found[0][0]), int(found[0][1])
+def final(run: Run) -> tuple[int, float, str]:
+  """(steps, final loss (NaN if no step ran), fingerprint) of a run's summary."""
+  s = run.summary
+  assert s is not None, f"no summary.json:\n{run.describe()}"
+  loss = float("nan") if s["final_loss"] is None else float(s["final_loss"])
+  return int(s["steps"]), loss, s["fingerprint"]
+
+
+def compiles(run: Run) -> tuple[int, int]:
+  """(compiles, buckets) of a run's summary."""
+  assert run.summary is not None, f"no summary.json:\n{run.describe()}"
+  return run.summary["num_compiles"], run.summary["num_buckets"]
 
 
 def logged_scalars(err: str) -> dict[int, dict[str, float]]:
@@ -380,10 +390,10 @@ def _blow_up_at(step: int) -> None:
   """Makes the trainer's compiled step see ``blow_up(params)`` at its call ``step`` (= the
   train step of a fresh run); the compiled program is unchanged."""
   from anysat_jax.tasks import pretrain as train
-  original = train.jit_train_step
+  original = train.PretrainTask.jit_step
 
-  def patched(*args, **kwargs):
-    fn = original(*args, **kwargs)
+  def patched(self, *args, **kwargs):
+    fn = original(self, *args, **kwargs)
     calls = {"n": 0}
 
     def wrapper(state, batch, masks, patch_size):
@@ -394,7 +404,7 @@ def _blow_up_at(step: int) -> None:
 
     return wrapper
 
-  train.jit_train_step = patched
+  train.PretrainTask.jit_step = patched
 
 
 def _check_batch_sharding(argv: list[str]) -> None:

@@ -41,58 +41,21 @@ from typing import Any
 
 import numpy as np
 
-from anysat_jax.core import modalities as mods
-from anysat_jax.inference import embed, tiling
+from anysat_jax.inference import cli_inputs, embed, tiling
 from anysat_jax.inference.api import AnySat
-from anysat_jax.io import atomic, geotiff, rasters, tables
+from anysat_jax.io import atomic, geotiff, tables
 from input_pipeline.normalization import OFFICIAL, load_stats
 
 log = logging.getLogger("anysat_jax.embed")
-
-
-def _pairs(items: Sequence[str] | None, flag: str, known: Sequence[str] | None = None
-           ) -> dict[str, str]:
-  """``MOD=VALUE`` flags as a dict, checked."""
-  out: dict[str, str] = {}
-  for item in items or ():
-    name, sep, value = item.partition("=")
-    if not sep or not value:
-      raise ValueError(f"{flag} {item!r}: expected MOD=VALUE")
-    mods.get(name)
-    if name in out:
-      raise ValueError(f"{flag} given twice for {name}")
-    if known is not None and name not in known:
-      raise ValueError(f"{flag} {item!r}: {name} is not an --input ({', '.join(known)})")
-    out[name] = value
-  return out
-
-
-def _crop_size(name: str, spec: str) -> tuple[int, int]:
-  try:
-    h, _, w = spec.lower().partition("x")
-    return int(h), int(w or h)
-  except ValueError:
-    raise ValueError(f"--crop {name}={spec}: expected PX or HxW pixels") from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m anysat_jax.embed", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   add = parser.add_argument
-  add("--input", action="append", required=True, metavar="MOD=PATH",
-      help="a modality's file (.tif, .h5, .npy); repeat for each modality, in the model's "
+  cli_inputs.add_input_args(
+      parser, "a modality's file (.tif, .h5, .npy); repeat for each modality, in the model's "
       "order (the first sets the patch grid and dense default)")
-  add("--bands", action="append", metavar="MOD=B1,B2,...",
-      help="the file's bands (1-based, file order; ranges like 2-8) feeding the registry's "
-      "channels in the registry's order; per date for a series stored as T*C bands")
-  add("--dates", action="append", metavar="MOD=DATES",
-      help="dates of a time series: d1,d2,... or a file, one per line; each YYYY-MM-DD, "
-      "YYYYMMDD or a day of year")
-  add("--h5_key", action="append", metavar="MOD=KEY", help="HDF5 dataset")
-  add("--h5_dates_key", action="append", metavar="MOD=KEY",
-      help="HDF5 dataset of dates (days of year, or strings holding dates)")
-  add("--crop", action="append", metavar="MOD=PX",
-      help="centre crop to PX x PX (or HxW) pixels before anything else")
   add("--weights", help="released weights by name (base, base-head-axis), a converted "
       "checkpoint directory or an official .pth/.npz/.safetensors")
   add("--size", default="base", choices=("tiny", "small", "base"),
@@ -133,7 +96,7 @@ def load_model(args: argparse.Namespace) -> AnySat:
               "MEANINGLESS;", args.size.upper(), args.seed)
   log.warning("use them only to test a pipeline. Give --weights for real features.")
   log.warning("=" * 78)
-  inputs = _pairs(args.input, "--input")
+  inputs = cli_inputs.pairs(args.input, "--input")
   return AnySat(args.size, seed=args.seed, modalities=tuple(inputs))
 
 
@@ -186,34 +149,15 @@ def _table(emb: embed.Embedding, name: str, georef: geotiff.GeoRef | None, gsd: 
           "feature": f.astype(np.float32)}
 
 
-def read_inputs(args: argparse.Namespace) -> dict[str, rasters.Raster]:
-  """The ``--input`` rasters, bands selected and cropped, in flag order."""
-  inputs = _pairs(args.input, "--input")
-  names = list(inputs)
-  dates = {n: rasters.parse_dates(s) for n, s in _pairs(args.dates, "--dates", names).items()}
-  bands = {n: rasters.parse_bands(s) for n, s in _pairs(args.bands, "--bands", names).items()}
-  h5_keys = _pairs(args.h5_key, "--h5_key", names)
-  h5_dates = _pairs(args.h5_dates_key, "--h5_dates_key", names)
-  crops = {n: _crop_size(n, s) for n, s in _pairs(args.crop, "--crop", names).items()}
-  out = {}
-  for n, path in inputs.items():
-    r = rasters.read_input(n, path, dates.get(n), h5_keys.get(n), h5_dates.get(n), bands.get(n))
-    out[n] = rasters.center_crop(r, *crops[n]) if n in crops else r
-    log.info("%s: %s -> %s%s%s", n, path, "x".join(map(str, out[n].data.shape)),
-             f" (centre crop of {'x'.join(map(str, r.data.shape))})" if n in crops else "",
-             f", nodata {r.nodata:g}" if r.nodata is not None else "")
-  return out
-
-
 def run(model: AnySat, args: argparse.Namespace) -> embed.Embedding | None:
   """Reads the inputs, encodes and writes ``args.out``; returns the features of a table
   output (a dense map is streamed to the file, None is returned)."""
-  inputs = _pairs(args.input, "--input")
+  inputs = cli_inputs.pairs(args.input, "--input")
   suffixes = (".tif", ".tiff") if args.output == "dense" else tables.TABLE_SUFFIXES
   if not args.out.lower().endswith(suffixes):
     raise ValueError(f"--output {args.output} writes {' or '.join(suffixes)}, not {args.out}")
   out = atomic.check_output(args.out, list(inputs.values()), args.overwrite)
-  found = read_inputs(args)
+  found = cli_inputs.read_inputs(args)
   names = list(found)
   stats, sources = _load_stats(args, names)
   scene = embed.prepare(model, {n: r.data for n, r in found.items()},
@@ -222,11 +166,7 @@ def run(model: AnySat, args: argparse.Namespace) -> embed.Embedding | None:
                         tile_m=args.tile_m, overlap_m=args.overlap_m, stats=stats,
                         missing=args.missing)
   win = scene.windows
-  # The georeference: the dense modality's file if it has one, else the first GeoTIFF input.
-  om = args.output_modality or names[0]
-  ref = next((n for n in (om, *names) if found[n].georef is not None), None)
-  georef = found[ref].georef if ref is not None else None
-  gsd = mods.get(ref).gsd if ref is not None else 1.0
+  georef, gsd = cli_inputs.georeference(found, args.output_modality or names[0])
   name = args.name or os.path.splitext(os.path.basename(inputs[names[0]]))[0]
   meta = {"name": name, "output": args.output, "patch_size_m": args.patch_size,
           "tile_m": float(win.tile), "overlap_m": args.overlap_m, "cell_m": float(win.cell),
@@ -235,8 +175,6 @@ def run(model: AnySat, args: argparse.Namespace) -> embed.Embedding | None:
           "crs": georef.geokeys if georef is not None else None,
           "epsg": georef.epsg if georef is not None else None,
           "weights": args.weights or f"RANDOM INIT ({args.size}, seed {args.seed})"}
-  if georef is None:
-    log.warning("no georeferenced (GeoTIFF) input: the output has no georeference")
   if args.output == "dense":
     meta["dense_bands"] = args.dense_bands
     out_ref = georef.window(0, 0, float(win.cell) / gsd) if georef is not None else None

@@ -216,7 +216,7 @@ def tile_side(bands: int) -> int:
 
 
 def _tiles(rows: Iterable[np.ndarray], height: int, width: int, side: int,
-           fill: float) -> Iterator[np.ndarray]:
+           fill: float, dtype: Any = np.float32) -> Iterator[np.ndarray]:
   """Tiles (side, side, D) in row-major order from row blocks (k, width, D) covering
   ``height`` rows; edge tiles padded with ``fill``. Holds one row of tiles."""
   buf: list[np.ndarray] = []
@@ -225,7 +225,7 @@ def _tiles(rows: Iterable[np.ndarray], height: int, width: int, side: int,
     if block is not None:
       if block.ndim != 3 or block.shape[1] != width:
         raise ValueError(f"row block of shape {block.shape} for a raster {width} px wide")
-      buf.append(np.asarray(block, np.float32))
+      buf.append(np.asarray(block, dtype))
       have += len(block)
     while have >= side or (block is None and have > 0):
       strip = np.concatenate(buf) if len(buf) > 1 else buf[0]
@@ -233,7 +233,7 @@ def _tiles(rows: Iterable[np.ndarray], height: int, width: int, side: int,
       if done + take > height or (block is None and done + take != height):
         raise ValueError(f"got {done + have} rows for a raster of {height} rows")
       for c in range(0, width, side):
-        tile = np.full((side, side, strip.shape[-1]), fill, np.float32)
+        tile = np.full((side, side, strip.shape[-1]), fill, dtype)
         part = strip[:take, c:c + side]
         tile[:part.shape[0], :part.shape[1]] = part
         yield tile
@@ -243,12 +243,12 @@ def _tiles(rows: Iterable[np.ndarray], height: int, width: int, side: int,
 def write_rows(path: str | os.PathLike, shape: tuple[int, int, int],
                rows: Iterable[np.ndarray], georef: GeoRef | None,
                metadata: Mapping[str, str] | None = None, *, compression: str = "deflate",
-               nodata: float | None = None) -> None:
-  """Streams float32 row blocks (k, W, D), top to bottom, into a tiled, pixel-interleaved
+               nodata: float | None = None, dtype: Any = np.float32) -> None:
+  """Streams row blocks (k, W, D), top to bottom, into a tiled, pixel-interleaved
   GeoTIFF of ``shape`` (H, W, D) (BigTIFF when over 4 GB): ``compression`` deflate, zstd
   (needs ``imagecodecs``) or none; ``georef`` (None: a plain TIFF); dataset metadata items
   (GDAL_METADATA, as GDAL writes them); ``nodata`` written as GDAL_NODATA and used to pad edge
-  tiles. Memory: one row of tiles."""
+  tiles; ``dtype`` float32 or an integer type (class maps). Memory: one row of tiles."""
   if compression not in COMPRESSIONS:
     raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
   height, width, bands = shape
@@ -264,9 +264,13 @@ def write_rows(path: str | os.PathLike, shape: tuple[int, int, int],
   try:
     with tifffile.TiffWriter(os.fspath(path), bigtiff=height * width * bands * 4 > 2**32 - 2**25
                              ) as tif:
-      tif.write(_tiles(rows, height, width, side, fill), shape=(height, width, bands),
-                dtype=np.float32, tile=(side, side), photometric="minisblack",
-                planarconfig="contig", compression=codec, metadata=None, extratags=tags)
+      tiles = _tiles(rows, height, width, side, fill, dtype)
+      one = bands == 1          # tifffile takes one band as a 2-D image, without a sample axis
+      tif.write((t[..., 0] for t in tiles) if one else tiles,
+                shape=(height, width) if one else (height, width, bands),
+                dtype=dtype, tile=(side, side), photometric="minisblack",
+                planarconfig=None if one else "contig", compression=codec, metadata=None,
+                extratags=tags)
   except (KeyError, ImportError, ModuleNotFoundError) as e:
     if compression != "zstd":
       raise

@@ -16,7 +16,7 @@ TABLE_SUFFIXES = (".npz", ".parquet")
 
 def write_table(path: str | os.PathLike, columns: Mapping[str, np.ndarray],
                 meta: Mapping[str, Any]) -> None:
-  """Writes equal-length columns (``feature`` (N, E), the others (N,)) and JSON metadata,
+  """Writes equal-length columns ((N,), or (N, E) such as ``feature``) and JSON metadata,
   atomically (a temporary sibling renamed over ``path``)."""
   path = os.fspath(path)
   if path.lower().endswith(".npz"):
@@ -30,8 +30,7 @@ def write_table(path: str | os.PathLike, columns: Mapping[str, np.ndarray],
     import pyarrow.parquet as pq
   except ImportError:
     raise ValueError("writing .parquet needs pyarrow; write .npz instead") from None
-  f = columns["feature"]
-  table = pa.table({**columns, "feature": pa.FixedSizeListArray.from_arrays(
-      pa.array(f.ravel()), f.shape[1])})
+  table = pa.table({k: pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1])
+                    if v.ndim == 2 else v for k, v in columns.items()})
   with replacing(path) as tmp:
     pq.write_table(table.replace_schema_metadata({"anysat": json.dumps(dict(meta))}), tmp)

@@ -1,5 +1,6 @@
-"""Pretraining optimiser pieces: PyTorch-style AdamW that skips unused parameters, and the EMA
-teacher as an Optax transformation.
+"""The optimisers of both tasks (``pretrain_optimizer``, ``finetune_optimizer``) and their
+pieces: PyTorch-style AdamW that skips unused parameters, and the EMA teacher as an Optax
+transformation.
 
 Typical use over ``params = {"encoder": ..., "predictor": ..., "mask_token": ...}``::
 
@@ -22,8 +23,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+
+from anysat_jax.tasks import schedules
 
 
 class EmaTeacherState(NamedTuple):
@@ -154,3 +158,32 @@ def adamw_skip_unused(learning_rate: float | optax.Schedule, b1: float = 0.9, b2
     return updates, AdamWSkipState(optax.safe_int32_increment(state.step), count, mu, nu)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def pretrain_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+  """AdamW skipping unused parameters, then the EMA teacher of ``params["encoder"]``;
+  ``update(..., params, used=...)``."""
+  o = config.optim
+  return optax.chain(
+      adamw_skip_unused(schedules.pretrain_lr(config), o.b1, o.b2, o.eps, o.weight_decay),
+      ema_teacher(ema_momentum_schedule(config.total_steps, config.ema.start, config.ema.end),
+                  select="encoder"))
+
+
+def finetune_optimizer(config: ml_collections.ConfigDict, steps: schedules.Steps,
+                       trainable: Any) -> optax.GradientTransformationExtraArgs:
+  """AdamW (``torch.optim.AdamW`` semantics) on the ``trainable`` leaves (a bool pytree), zero
+  updates and no state for the others; ``update(..., value=loss)`` feeds ``reduce_on_plateau``
+  (``optim.schedule="plateau"``: x ``plateau_factor`` once more than ``plateau_patience``
+  epochs of mean training loss did not improve, torch semantics, relative threshold 1e-4)."""
+  o = config.optim
+  adamw = optax.adamw(schedules.finetune_lr(config, steps), o.b1, o.b2, o.eps,
+                      weight_decay=o.weight_decay)
+  labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
+  tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
+  if o.schedule == "plateau":
+    # torch reduces once more than `patience` epochs did not improve, optax at `patience`.
+    tx = optax.chain(tx, optax.contrib.reduce_on_plateau(
+        factor=o.plateau_factor, patience=o.plateau_patience + 1,
+        accumulation_size=steps.per_epoch))
+  return tx

@@ -1,19 +1,18 @@
-"""JEPA + contrastive pretraining: the train state and one pure train step.
+"""JEPA + contrastive pretraining: the task built once from the config, and its pure step.
 
-``train_step(state, batch, masks) -> (state, metrics)`` runs, for one (dataset, patch size)
-bucket: the EMA teacher on the full batch, the student on the temporally masked batch with its
-context patches and modality masking, the predictor of the target blocks, the JEPA loss on the
-layer-normed teacher tokens plus the multi-positive contrastive loss, then AdamW (unused
-projectors skipped) and the teacher's EMA, both in one Optax chain.
+``PretrainTask(config).train_step(state, batch, masks, patch_size) -> (state, metrics)`` runs,
+for one (dataset, patch size) bucket: the EMA teacher on the full batch, the student on the
+temporally masked batch with its context patches and modality masking, the predictor of the
+target blocks, the JEPA loss on the layer-normed teacher tokens plus the multi-positive
+contrastive loss, then AdamW (unused projectors skipped) and the teacher's EMA, both in one
+Optax chain.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,22 +20,13 @@ import numpy as np
 import optax
 
 from anysat_jax.core import modalities as mods
+from anysat_jax.core import options
 from anysat_jax.models.config import EncoderConfig, encoder_config
 from anysat_jax.models.encoder import AnySatEncoder
 from anysat_jax.models.jepa import PredictorConfig, Student
-from anysat_jax.tasks import masking, optim
+from anysat_jax.tasks import masking, optim, schedules
 from anysat_jax.tasks.losses import pretrain as losses
-
-
-@flax.struct.dataclass
-class TrainState:
-  """step: int32 (); params: student {"encoder", "predictor", "mask_token"}; opt_state: the
-  Optax chain state (AdamW moments, EMA teacher); key: PRNG key of the in-step randomness."""
-
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  key: jax.Array
+from anysat_jax.tasks.state import TrainState
 
 
 def model_configs(config: ml_collections.ConfigDict) -> tuple[EncoderConfig, PredictorConfig]:
@@ -48,33 +38,6 @@ def model_configs(config: ml_collections.ConfigDict) -> tuple[EncoderConfig, Pre
 def mask_config(config: ml_collections.ConfigDict) -> masking.MaskConfig:
   return masking.MaskConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
                                for k, v in dict(config.masking).items()})
-
-
-def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
-  o = config.optim
-  if o.schedule == "constant":
-    return optax.constant_schedule(o.lr)
-  if o.schedule == "warmup_cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, config.total_steps)
-  raise ValueError(f"unknown optim.schedule {o.schedule!r} (constant, warmup_cosine)")
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-  o = config.optim
-  return optax.chain(
-      optim.adamw_skip_unused(learning_rate(config), o.b1, o.b2, o.eps, o.weight_decay),
-      optim.ema_teacher(optim.ema_momentum_schedule(config.total_steps, config.ema.start,
-                                                    config.ema.end), select="encoder"))
-
-
-def init_state(config: ml_collections.ConfigDict) -> TrainState:
-  enc, pred = model_configs(config)
-  student = Student(enc, pred)
-  # rbg keys need far less scratch memory than threefry to initialise 100M parameters.
-  params = student.init(jax.random.key(config.seed, impl="rbg"),
-                        method=Student.init_all)["params"]
-  return TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(config).init(params),
-                    jax.random.key(config.seed))
 
 
 def used_tree(params: Any, batch_keys: tuple[str, ...]) -> Any:
@@ -95,57 +58,95 @@ def used_tree(params: Any, batch_keys: tuple[str, ...]) -> Any:
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], masks: dict[str, jax.Array], *,
-               config: ml_collections.ConfigDict, patch_size: int) -> tuple[TrainState, dict]:
-  """One optimisation step on a batch of one (dataset, patch size) bucket.
+class PretrainTask:
+  """What the pretraining steps close over, built once from the run config: the student, the
+  teacher encoder, the optimiser and its schedule, the masking and loss settings."""
 
-  Args:
-    state: the train state.
-    batch: model inputs (see ``encoder``), batch-major, with ``<mod>_mask`` date masks.
-    masks: ``ctx_idx`` (B, K_ctx), ``tgt_idx`` / ``tgt_valid`` (B, T, K_tgt) (batch first, so
-      that they shard like the batch; see ``host_masks``).
-    config: the run config (static).
-    patch_size: metres (static).
-  Returns:
-    the new state and scalar metrics (``loss``, ``jepa``, ``contrastive``, ``finite``, ``lr``).
-  """
-  enc_cfg, pred_cfg = model_configs(config)
-  student, teacher_model = Student(enc_cfg, pred_cfg), AnySatEncoder(enc_cfg)
-  tx = make_optimizer(config)
-  key, k_time, k_mod = jax.random.split(jax.random.fold_in(state.key, state.step), 3)
-  teacher = optim.teacher_params(state.opt_state)
-  ctx_idx = masks["ctx_idx"]
-  tgt_idx, tgt_valid = (masks[k].transpose(1, 0, 2) for k in ("tgt_idx", "tgt_valid"))
+  def __init__(self, config: ml_collections.ConfigDict):
+    options.check("nonfinite", config.nonfinite, options.NONFINITE)
+    self.enc_cfg, self.pred_cfg = model_configs(config)
+    self.student = Student(self.enc_cfg, self.pred_cfg)
+    self.teacher = AnySatEncoder(self.enc_cfg)
+    self.tx = optim.pretrain_optimizer(config)
+    self.lr = schedules.pretrain_lr(config)
+    self.mask_cfg = mask_config(config)
+    self.jepa_kind = config.loss.jepa
+    self.contrastive_weight = float(config.loss.contrastive_weight)
+    self.tau = float(config.loss.tau)
+    self.skip_nonfinite = config.nonfinite == "skip"
+    self.seed = int(config.seed)
 
-  z_teacher, _ = teacher_model.apply({"params": teacher}, batch, patch_size,
-                                     method=AnySatEncoder.features)
-  target = losses.target_tokens(z_teacher[:, 1:], tgt_idx)
-  mcfg = mask_config(config)
-  student_in = masking.apply_temporal_mask(
-      batch, masking.sample_temporal_masks(k_time, batch, mcfg.temporal_keep))
-  num_grid = sum(not mods.get(m).context_token for m in mods.modality_keys(batch))
-  b, k_ctx = ctx_idx.shape
-  visible = masking.modality_mask(k_mod, num_grid, k_ctx, b, mcfg.modality_ratio)
+  def init_state(self) -> TrainState:
+    """Step 0 (traceable: ``jax.eval_shape`` / ``jax.jit``)."""
+    # rbg keys need far less scratch memory than threefry to initialise 100M parameters.
+    params = self.student.init(jax.random.key(self.seed, impl="rbg"),
+                               method=Student.init_all)["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params),
+                      jax.random.key(self.seed))
 
-  def loss_fn(params):
-    out = student.apply({"params": params}, student_in, patch_size, ctx_idx, tgt_idx,
-                        tgt_valid, visible)
-    jepa = losses.jepa_loss(out.pred, target, tgt_valid, kind=config.loss.jepa)
-    con = losses.contrastive_loss(out.tokens, tau=config.loss.tau)
-    return jepa + config.loss.contrastive_weight * con, (jepa, con)
+  def train_step(self, state: TrainState, batch: dict[str, jax.Array],
+                 masks: dict[str, jax.Array], patch_size: int) -> tuple[TrainState, dict]:
+    """One optimisation step on a batch of one (dataset, patch size) bucket.
 
-  (loss, (jepa, con)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  used = used_tree(state.params, tuple(batch))
-  updates, opt_state = tx.update(grads, state.opt_state, state.params, used=used)
-  params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(loss)
-  if config.nonfinite == "skip":
-    params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
-                                     (params, opt_state), (state.params, state.opt_state))
-  new = TrainState(state.step + 1, params, opt_state, key)
-  metrics = dict(loss=loss, jepa=jepa, contrastive=con, finite=finite,
-                 lr=learning_rate(config)(state.step))
-  return new, metrics
+    Args:
+      state: the train state.
+      batch: model inputs (see ``encoder``), batch-major, with ``<mod>_mask`` date masks.
+      masks: ``ctx_idx`` (B, K_ctx), ``tgt_idx`` / ``tgt_valid`` (B, T, K_tgt) (batch first,
+        so that they shard like the batch; see ``host_masks``).
+      patch_size: metres (static).
+    Returns:
+      the new state and scalar metrics (``loss``, ``jepa``, ``contrastive``, ``finite``,
+      ``lr``). With ``nonfinite="skip"`` a non-finite step keeps params and optimiser state.
+    """
+    key, k_time, k_mod = jax.random.split(jax.random.fold_in(state.key, state.step), 3)
+    teacher = optim.teacher_params(state.opt_state)
+    ctx_idx = masks["ctx_idx"]
+    tgt_idx, tgt_valid = (masks[k].transpose(1, 0, 2) for k in ("tgt_idx", "tgt_valid"))
+
+    z_teacher, _ = self.teacher.apply({"params": teacher}, batch, patch_size,
+                                      method=AnySatEncoder.features)
+    target = losses.target_tokens(z_teacher[:, 1:], tgt_idx)
+    student_in = masking.apply_temporal_mask(
+        batch, masking.sample_temporal_masks(k_time, batch, self.mask_cfg.temporal_keep))
+    num_grid = sum(not mods.get(m).context_token for m in mods.modality_keys(batch))
+    b, k_ctx = ctx_idx.shape
+    visible = masking.modality_mask(k_mod, num_grid, k_ctx, b, self.mask_cfg.modality_ratio)
+
+    def loss_fn(params):
+      out = self.student.apply({"params": params}, student_in, patch_size, ctx_idx, tgt_idx,
+                               tgt_valid, visible)
+      jepa = losses.jepa_loss(out.pred, target, tgt_valid, kind=self.jepa_kind)
+      con = losses.contrastive_loss(out.tokens, tau=self.tau)
+      return jepa + self.contrastive_weight * con, (jepa, con)
+
+    (loss, (jepa, con)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    used = used_tree(state.params, tuple(batch))
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params, used=used)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss)
+    if self.skip_nonfinite:
+      params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
+                                       (params, opt_state), (state.params, state.opt_state))
+    new = TrainState(state.step + 1, params, opt_state, key)
+    metrics = dict(loss=loss, jepa=jepa, contrastive=con, finite=finite, lr=self.lr(state.step))
+    return new, metrics
+
+  def jit_step(self, state_sharding: Any, on_trace: Callable[[int], None]) -> Callable:
+    """``train_step`` jit-compiled once per (batch signature, patch size), the state donated
+    and laid out by ``state_sharding`` (None: as jax places it); ``on_trace(patch)`` is called
+    each time jax traces (i.e. compiles) it. Call as ``fn(state, batch, masks, patch_size=P)``.
+    """
+    def step(state, batch, masks, patch_size):
+      on_trace(patch_size)
+      return self.train_step(state, batch, masks, patch_size)
+
+    return jax.jit(step, static_argnames=("patch_size",), donate_argnums=(0,),
+                   out_shardings=(state_sharding, None))
+
+
+def init_state(config: ml_collections.ConfigDict) -> TrainState:
+  """Step 0 of ``config``'s run (traceable)."""
+  return PretrainTask(config).init_state()
 
 
 def host_masks(config: ml_collections.ConfigDict, step: int, batch_size: int,
@@ -163,28 +164,7 @@ def host_masks(config: ml_collections.ConfigDict, step: int, batch_size: int,
           "tgt_valid": m["tgt_valid"].transpose(1, 0, 2)}
 
 
-def fingerprint(state: TrainState) -> str:
-  """Hex digest of the student and teacher parameter bytes (to compare runs exactly).
-
-  Multi-process: leaves sharded over several processes (FSDP) are gathered first, a collective
-  that every process must reach."""
-  from jax.experimental import multihost_utils
-  h = hashlib.sha256()
-  for tree in (state.params, optim.teacher_params(state.opt_state)):
-    for leaf in jax.tree.leaves(tree):
-      if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        leaf = multihost_utils.process_allgather(leaf, tiled=True)
-      h.update(np.asarray(jax.device_get(leaf)).tobytes())
-  return h.hexdigest()[:16]
-
-
 def jit_train_step(config: ml_collections.ConfigDict, state_sharding: Any,
                    on_trace: Callable[[int], None]) -> Callable:
-  """``train_step`` jit-compiled once per (batch signature, patch size); ``on_trace(patch)`` is
-  called each time jax traces (i.e. compiles) it."""
-  def step(state, batch, masks, patch_size):
-    on_trace(patch_size)
-    return train_step(state, batch, masks, config=config, patch_size=patch_size)
-
-  return jax.jit(step, static_argnames=("patch_size",), donate_argnums=(0,),
-                 out_shardings=(state_sharding, None))
+  """``PretrainTask(config).jit_step(state_sharding, on_trace)``."""
+  return PretrainTask(config).jit_step(state_sharding, on_trace)

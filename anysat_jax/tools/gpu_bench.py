@@ -31,6 +31,7 @@ from anysat_jax.core import modalities as mods
 from anysat_jax.models.encoder import AnySatEncoder
 from anysat_jax.models.validation import validate_inputs
 from anysat_jax.tasks import pretrain as train
+from input_pipeline import loader
 from input_pipeline.datasets import registry
 
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -78,13 +79,14 @@ def buckets(config: ml_collections.ConfigDict) -> list[tuple[str, int, int, dict
     stored = registry.get_spec(name).modalities
     shapes = {m: (d.buckets.get(m) if mods.get(m).temporal else None,
                   min(stored[m][0], d.crop.get(m, stored[m][0]))) for m in d.modalities}
-    out.extend((name, p, d.batch_size, shapes) for p in d.patch_sizes)
+    batch = loader.global_batch_size(name, d, shard_count=1, num_devices=jax.device_count())
+    out.extend((name, p, batch, shapes) for p in d.patch_sizes)
   return out
 
 
 def _side(shapes: dict, patch: int) -> int:
   name = next(m for m in shapes if not mods.get(m).context_token)
-  return round(shapes[name][1] * mods.get(name).gsd / patch)
+  return mods.grid_side(name, shapes[name][1], patch)
 
 
 def _cost_flops(compiled: Any) -> float:

@@ -1,0 +1,187 @@
+"""What every training loop does around its steps: restore-or-init with the data iterator,
+periodic and final saves, a stop (SIGTERM) agreed across processes, the non-finite loss check,
+input validation and compile counting per bucket, and ``workdir/summary.json``.
+
+A trainer builds a ``Loop``, gets its state from ``restore_or_init``, and for every step calls
+``validate_once`` / ``traced`` (from inside the jitted function) / ``check_finite`` and then
+``end_step``, which saves when due and says whether to stop; ``finish`` prints the
+``compiles: ...`` and ``final: ...`` lines and writes the summary:
+
+  {"task", "steps", "total_steps", "compiles": {bucket: traces}, "num_compiles",
+   "num_buckets", "final_loss" (null: no step ran), "fingerprint", "metrics": {name: value}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from anysat_jax import sharding
+from anysat_jax.checkpoints import manager as ckpt
+from anysat_jax.tasks import optim
+from anysat_jax.tasks.state import TrainState
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or inf; the last checkpoint is left intact."""
+
+
+class DataIterator(Protocol):
+  """What the loop needs of a data iterator: ``get_state()`` (JSON-able) and ``set_state``."""
+
+  def get_state(self) -> Any: ...
+
+  def set_state(self, state: Any) -> None: ...
+
+
+def fingerprint(state: TrainState) -> str:
+  """Hex digest of the parameter bytes and of the EMA teacher's if any (to compare runs
+  exactly). Multi-process: leaves sharded over several processes (FSDP) are gathered first, a
+  collective that every process must reach."""
+  is_ema = lambda x: isinstance(x, optim.EmaTeacherState)
+  trees = [state.params] + [s.teacher for s in jax.tree.leaves(state.opt_state, is_leaf=is_ema)
+                            if is_ema(s)]
+  h = hashlib.sha256()
+  for tree in trees:
+    for leaf in jax.tree.leaves(tree):
+      if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        leaf = multihost_utils.process_allgather(leaf, tiled=True)
+      h.update(np.asarray(jax.device_get(leaf)).tobytes())
+  return h.hexdigest()[:16]
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (np.ndarray, list, tuple)):
+    return [_jsonable(v) for v in np.asarray(x).tolist()]
+  if isinstance(x, (float, np.floating)):
+    return None if not math.isfinite(x) else float(x)
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def write_json(path: str, tree: Any) -> None:
+  """Writes ``tree`` as JSON (non-finite floats as null), atomically."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(_jsonable(tree), f, indent=1)
+  os.replace(tmp, path)
+
+
+class Loop:
+  """The loop tail shared by the trainers (see the module docstring)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, stop: dict[str, bool],
+               total_steps: int, mesh: jax.sharding.Mesh):
+    self.config, self.workdir, self.total_steps, self.mesh = config, workdir, total_steps, mesh
+    self._stop = stop
+    os.makedirs(workdir, exist_ok=True)
+    self.manager = ckpt.checkpoint_manager(workdir, config)
+    self.traces: Counter = Counter()       # bucket -> times the step was traced
+    self.buckets: set = set()              # buckets validated (seen) in this process
+    self.data_iter: DataIterator | None = None
+
+  def restore_or_init(self, init: Callable[..., TrainState], *args: Any,
+                      data_iter: DataIterator) -> tuple[TrainState, Any]:
+    """(state, its sharding): the newest checkpoint that restores (``ckpt.restore_latest``,
+    after ``ckpt.check_config``) with ``data_iter`` set to its position, else
+    ``jit(init)(*args)``. Prints ``resumed from checkpoint at step N``."""
+    self.data_iter = data_iter
+    abstract = jax.eval_shape(init, *args)
+    state_sharding = sharding.tree_sharding(abstract, self.mesh, self.config.mesh.fsdp_min_size)
+    restored = None
+    if self.manager.latest_step() is not None:
+      others = ckpt.check_config(self.workdir, self.config)
+      if others:
+        logging.warning("resuming with changed settings: %s", ", ".join(others))
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, state_sharding)
+      restored = ckpt.restore_latest(self.manager, target, data_iter.set_state)
+    ckpt.write_config(self.workdir, self.config)
+    if restored is None:
+      return jax.jit(init, out_shardings=state_sharding)(*args), state_sharding
+    step, state = restored
+    logging.info("resumed from step %d", step)
+    print(f"resumed from checkpoint at step {step}", flush=True)
+    return state, state_sharding
+
+  def traced(self, bucket: Hashable) -> None:
+    """Call from inside the jitted step: counts its traces (compiles) per bucket."""
+    self.traces[bucket] += 1
+
+  def validate_once(self, bucket: Hashable, validate: Callable[..., Any], *args: Any) -> None:
+    """Runs ``validate(*args)`` the first time ``bucket`` is seen (before its compile)."""
+    if bucket not in self.buckets:
+      validate(*args)
+      self.buckets.add(bucket)
+
+  def check_finite(self, step: int, metrics: Mapping[str, Any], where: str = "",
+                   skip: bool = False) -> None:
+    """Raises ``NonFiniteLossError`` (after the pending save) when ``metrics["finite"]`` is
+    false, or logs it with ``skip`` (the step kept its state)."""
+    if bool(metrics["finite"]):
+      return
+    msg = f"non-finite loss at step {step}{where}: loss={metrics['loss']}"
+    if skip:
+      logging.warning("%s; step skipped", msg)
+      return
+    self.manager.wait_until_finished()
+    raise NonFiniteLossError(msg + f"; last good checkpoint: step {self.manager.latest_step()}")
+
+  def save(self, step: int, state: TrainState) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(self.data_iter.get_state())))
+
+  def stop_requested(self) -> bool:
+    """The stop flag, agreed across processes (any process's signal stops all of them at the
+    same step): a collective that every process reaches after every step."""
+    flag = bool(self._stop["requested"])
+    if jax.process_count() == 1:
+      return flag
+    flags = multihost_utils.process_allgather(np.array([flag], np.int32))
+    return bool(np.max(flags))
+
+  def end_step(self, step: int, state: TrainState, save: bool = False) -> bool:
+    """After step ``step``: saves if due (every ``checkpoint.every_steps``, at the last step,
+    on ``save`` or on a stop); True when the run must stop now (signal; saved, waited for)."""
+    stop = self.stop_requested()
+    if stop or save or step % self.config.checkpoint.every_steps == 0 \
+        or step == self.total_steps:
+      self.save(step, state)
+    if stop:
+      self.manager.wait_until_finished()
+      print(f"stopped by signal at step {step}; checkpoint saved", flush=True)
+    return stop
+
+  def finish(self, step: int, state: TrainState, loss: float,
+             metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Waits for the saves, prints ``compiles: ...`` and ``final: ...`` and writes
+    ``workdir/summary.json`` (process 0); returns the summary."""
+    self.manager.wait_until_finished()
+    fp = fingerprint(state)
+    summary = dict(task=self.config.get("task", "pretrain"), steps=step,
+                   total_steps=self.total_steps,
+                   compiles={"/".join(map(str, k)) if isinstance(k, tuple) else str(k): n
+                             for k, n in sorted(self.traces.items(), key=str)},
+                   num_compiles=sum(self.traces.values()), num_buckets=len(self.buckets),
+                   final_loss=float(loss), fingerprint=fp, metrics=dict(metrics or {}))
+    print(f"compiles: {summary['num_compiles']} for {summary['num_buckets']} buckets",
+          flush=True)
+    print(f"final: step={step} loss={float(loss):.6f} fingerprint={fp}", flush=True)
+    if jax.process_index() == 0:
+      write_json(os.path.join(self.workdir, "summary.json"), summary)
+    return summary
