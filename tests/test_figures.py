@@ -1,12 +1,15 @@
-"""Figures: PNGs written with the documented pixel sizes, colours where they belong."""
+"""Figures: PNGs written with the documented pixel sizes, colours where they belong; what the
+dense evaluators draw, and the evaluator registry."""
 
 from __future__ import annotations
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from anysat_jax.evaluators import figures
+from anysat_jax.core import options
+from anysat_jax.evaluators import change_detection, figures, registry, segmentation
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RGB3 = ("#ff0000", "#00ff00", "#0000ff")
@@ -81,3 +84,28 @@ def test_confusion_matrix(tmp_path):
     assert img.std() > 0
   with pytest.raises(ValueError, match="do not match"):
     figures.save_confusion_matrix(tmp_path / "bad.png", m, ("x", "y"))
+
+
+def test_dense_panels_pick_the_documented_date():
+  """Segmentation panels show the first date, change detection the last real date."""
+  tile = {"s1": np.zeros((4, 3, 2, 2)), "s1_mask": np.array([1, 1, 1, 0])}
+  assert segmentation._last_date(tile, "s1") == 2
+  assert segmentation._last_date({"s1": np.zeros((4, 3, 2, 2))}, "s1") == 3
+  assert segmentation.SegmentationEvaluator.date_index == 0
+  assert change_detection.ChangeDetectionEvaluator.date_index == -1
+  assert segmentation.rgb_bands("s2") == (2, 1, 0)          # B4, B3, B2
+  assert segmentation.rgb_bands("aerial") == (0, 1, 2)      # R, G, B
+  assert segmentation.rgb_bands("s1") == (0, 1, 2)          # false colour: VV, VH, VV/VH
+
+
+def test_registry_refuses_unknown_evaluations():
+  config = ml_collections.ConfigDict(dict(
+      evals={"val": dict(type="segmentation", split="val", every_steps=0)},
+      eval=dict(monitor="test")))
+  with pytest.raises(ValueError, match="eval.monitor='test' is not one of config.evals"):
+    registry.build(config, None, None, None)
+  config.eval.monitor = "val"
+  config.evals.val.type = "detection"
+  with pytest.raises(ValueError, match="evals.val.type must be one of"):
+    registry.build(config, None, None, None)
+  assert tuple(registry.EVALUATORS) == options.EVALUATORS

@@ -23,7 +23,6 @@ EVALUATORS: types.MappingProxyType[str, type[ClassificationEvaluator]] = types.M
     "segmentation": SegmentationEvaluator,
     "change_detection": ChangeDetectionEvaluator,
 })
-assert tuple(EVALUATORS) == options.EVALUATORS
 
 
 def build(config: ml_collections.ConfigDict, task: Any, batch_sharding: Any,

@@ -112,7 +112,8 @@ class FinetuneTask:
   def train_step(self, state: TrainState, batch: dict[str, jax.Array]
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One AdamW step on a batch (model inputs and ``label``); frozen leaves are carried over
-    unchanged and get no gradient. Metrics: ``loss``, ``lr``, ``finite``."""
+    unchanged and get no gradient. A non-finite loss keeps params and optimiser state.
+    Metrics: ``loss``, ``lr``, ``finite``."""
     def loss_fn(params):
       params = jax.tree.map(lambda t, p: p if t else jax.lax.stop_gradient(p), self.trainable,
                             params)
@@ -122,7 +123,10 @@ class FinetuneTask:
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params, value=loss)
     new = optax.apply_updates(state.params, updates)
     params = jax.tree.map(lambda t, n, o: n if t else o, self.trainable, new, state.params)
-    out = dict(loss=loss, finite=jnp.isfinite(loss),
+    finite = jnp.isfinite(loss)
+    params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
+                                     (params, opt_state), (state.params, state.opt_state))
+    out = dict(loss=loss, finite=finite,
                lr=self.lr(state.step) * schedules.plateau_scale(opt_state))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 

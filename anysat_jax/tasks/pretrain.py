@@ -73,7 +73,6 @@ class PretrainTask:
     self.jepa_kind = config.loss.jepa
     self.contrastive_weight = float(config.loss.contrastive_weight)
     self.tau = float(config.loss.tau)
-    self.skip_nonfinite = config.nonfinite == "skip"
     self.seed = int(config.seed)
 
   def init_state(self) -> TrainState:
@@ -96,7 +95,8 @@ class PretrainTask:
       patch_size: metres (static).
     Returns:
       the new state and scalar metrics (``loss``, ``jepa``, ``contrastive``, ``finite``,
-      ``lr``). With ``nonfinite="skip"`` a non-finite step keeps params and optimiser state.
+      ``lr``). A non-finite step keeps params and optimiser state (only ``step`` and ``key``
+      move on): the loop learns it from ``finite`` when it next fetches the metrics.
     """
     key, k_time, k_mod = jax.random.split(jax.random.fold_in(state.key, state.step), 3)
     teacher = optim.teacher_params(state.opt_state)
@@ -124,9 +124,8 @@ class PretrainTask:
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params, used=used)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss)
-    if self.skip_nonfinite:
-      params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
-                                       (params, opt_state), (state.params, state.opt_state))
+    params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
+                                     (params, opt_state), (state.params, state.opt_state))
     new = TrainState(state.step + 1, params, opt_state, key)
     metrics = dict(loss=loss, jepa=jepa, contrastive=con, finite=finite, lr=self.lr(state.step))
     return new, metrics

@@ -90,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop: dict[str, bool]) 
                                            every_steps=config.log_every)
   step = int(jax.device_get(state.step))
   losses: list[float] = []
-  last_loss = float("nan")
+  last_loss, lr = float("nan"), float("nan")
   early = False
 
   with jax.set_mesh(mesh):
@@ -102,14 +102,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop: dict[str, bool]) 
       device_batch = sharding.global_batch({k: v for k, v in batch.items() if k != "name"},
                                            bsharding)
       state, m = step_fn(state, device_batch)
-      m = jax.device_get(m)
-      loop.check_finite(step, m)
+      loop.record(step, m)
       step += 1
-      last_loss = float(m["loss"])
-      losses.append(last_loss)
       report(step)
-      if step % config.log_every == 0 or step == steps.total:
-        writer.write_scalars(step, {"train/loss": float(np.mean(losses)), "lr": float(m["lr"])})
+      logs = step % config.log_every == 0 or step == steps.total
+      if logs or loop.save_due(step):
+        rows = loop.flush()
+        losses += [float(r["loss"]) for _, _, r in rows]
+        last_loss, lr = (losses[-1], float(rows[-1][2]["lr"])) if rows else (last_loss, lr)
+      if logs:
+        writer.write_scalars(step, {"train/loss": float(np.mean(losses)), "lr": lr})
         losses.clear()
       for ev_name, ev in evals.items():
         if not ev.due(step, steps.total, steps.per_epoch) and not (

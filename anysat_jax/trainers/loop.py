@@ -3,8 +3,11 @@ periodic and final saves, a stop (SIGTERM) agreed across processes, the non-fini
 input validation and compile counting per bucket, and ``workdir/summary.json``.
 
 A trainer builds a ``Loop``, gets its state from ``restore_or_init``, and for every step calls
-``validate_once`` / ``traced`` (from inside the jitted function) / ``check_finite`` and then
-``end_step``, which saves when due and says whether to stop; ``finish`` prints the
+``validate_once`` / ``traced`` (from inside the jitted function), ``record`` (the step's metrics
+stay on the device) and ``end_step``, which saves when due and says whether to stop; it calls
+``flush`` (one transfer of every pending step's metrics, checked for non-finite losses) when it
+logs and before a save (``save_due``). The host never waits for a step otherwise, so it reads
+and places the next batch while the device runs the current one. ``finish`` prints the
 ``compiles: ...`` and ``final: ...`` lines and writes the summary:
 
   {"task", "steps", "total_steps", "compiles": {bucket: traces}, "num_compiles",
@@ -86,9 +89,10 @@ class Loop:
   """The loop tail shared by the trainers (see the module docstring)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, stop: dict[str, bool],
-               total_steps: int, mesh: jax.sharding.Mesh):
+               total_steps: int, mesh: jax.sharding.Mesh, skip_nonfinite: bool = False):
     self.config, self.workdir, self.total_steps, self.mesh = config, workdir, total_steps, mesh
-    self._stop = stop
+    self._stop, self._skip = stop, skip_nonfinite
+    self._pending: list[tuple[int, str, Any, Any]] = []
     os.makedirs(workdir, exist_ok=True)
     self.manager = ckpt.checkpoint_manager(workdir, config)
     self.traces: Counter = Counter()       # bucket -> times the step was traced
@@ -129,14 +133,27 @@ class Loop:
       validate(*args)
       self.buckets.add(bucket)
 
-  def check_finite(self, step: int, metrics: Mapping[str, Any], where: str = "",
-                   skip: bool = False) -> None:
-    """Raises ``NonFiniteLossError`` (after the pending save) when ``metrics["finite"]`` is
-    false, or logs it with ``skip`` (the step kept its state)."""
+  def record(self, step: int, metrics: Mapping[str, jax.Array], tag: Any = None,
+             where: str = "") -> None:
+    """Keeps the metrics of step ``step`` (0-based) on the device until the next ``flush``;
+    ``tag`` comes back with them, ``where`` completes a non-finite error message."""
+    self._pending.append((step, where, tag, metrics))
+
+  def flush(self) -> list[tuple[int, Any, dict[str, np.ndarray]]]:
+    """(step, tag, host metrics) of every pending step, fetched in one transfer, in step
+    order; raises ``NonFiniteLossError`` at the first non-finite loss (with
+    ``skip_nonfinite``: logs it; the step kept its state)."""
+    pending, self._pending = self._pending, []
+    fetched = jax.device_get([m for *_, m in pending])
+    for (step, where, _, _), m in zip(pending, fetched, strict=True):
+      self._check_finite(step, m, where)
+    return [(step, tag, m) for (step, _, tag, _), m in zip(pending, fetched, strict=True)]
+
+  def _check_finite(self, step: int, metrics: Mapping[str, Any], where: str) -> None:
     if bool(metrics["finite"]):
       return
     msg = f"non-finite loss at step {step}{where}: loss={metrics['loss']}"
-    if skip:
+    if self._skip:
       logging.warning("%s; step skipped", msg)
       return
     self.manager.wait_until_finished()
@@ -155,12 +172,17 @@ class Loop:
     flags = multihost_utils.process_allgather(np.array([flag], np.int32))
     return bool(np.max(flags))
 
+  def save_due(self, step: int) -> bool:
+    """A periodic save after ``step`` steps: every ``checkpoint.every_steps`` and the last."""
+    return step % self.config.checkpoint.every_steps == 0 or step == self.total_steps
+
   def end_step(self, step: int, state: TrainState, save: bool = False) -> bool:
-    """After step ``step``: saves if due (every ``checkpoint.every_steps``, at the last step,
-    on ``save`` or on a stop); True when the run must stop now (signal; saved, waited for)."""
+    """After ``step`` steps: saves if due (``save_due``, ``save`` or a stop; pending metrics
+    are checked first: a non-finite loss is never saved); True when the run must stop now
+    (signal; saved, waited for)."""
     stop = self.stop_requested()
-    if stop or save or step % self.config.checkpoint.every_steps == 0 \
-        or step == self.total_steps:
+    if stop or save or self.save_due(step):
+      self.flush()
       self.save(step, state)
     if stop:
       self.manager.wait_until_finished()
@@ -171,6 +193,7 @@ class Loop:
              metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Waits for the saves, prints ``compiles: ...`` and ``final: ...`` and writes
     ``workdir/summary.json`` (process 0); returns the summary."""
+    self.flush()
     self.manager.wait_until_finished()
     fp = fingerprint(state)
     summary = dict(task=self.config.get("task", "pretrain"), steps=step,

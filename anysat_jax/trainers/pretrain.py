@@ -55,7 +55,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, stop: dict[str, bo
   mesh = sharding.make_mesh(config)
   logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(),
                jax.process_count())
-  loop = Loop(config, workdir, stop, config.total_steps, mesh)
+  loop = Loop(config, workdir, stop, config.total_steps, mesh,
+              skip_nonfinite=config.nonfinite == "skip")
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   data_iter = build_data(config)
   task = train.PretrainTask(config)
@@ -69,7 +70,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, stop: dict[str, bo
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps))
   step = int(jax.device_get(state.step))
   sums: dict[str, list[float]] = {}
-  metrics = {"loss": float("nan")}   # no step to run: resumed at total_steps
+  last = {"loss": float("nan")}      # no step to run: resumed at total_steps
   scalars: dict[str, float] = {}
   t_start = time.time()
 
@@ -85,21 +86,23 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, stop: dict[str, bo
       gbatch = sharding.global_batch(local_rows(batch, config), batch_sharding)
       gmasks = sharding.global_batch(local_rows(masks, config), batch_sharding)
       state, metrics = step_fn(state, gbatch, gmasks, patch_size=patch_size)
-      metrics = jax.device_get(metrics)
-      loop.check_finite(step, metrics, f" ({name}, patch {patch_size} m)",
-                        skip=config.nonfinite == "skip")
+      loop.record(step, metrics, name, f" ({name}, patch {patch_size} m)")
       step += 1
-      for k in ("loss", "jepa", "contrastive"):
-        sums.setdefault(f"{k}/{name}", []).append(float(metrics[k]))
       for hook in hooks:
         hook(step)
-      if step % config.log_every == 0 or step == config.total_steps:
+      logs = step % config.log_every == 0 or step == config.total_steps
+      if logs or loop.save_due(step):
+        for _, ds, m in loop.flush():
+          for k in ("loss", "jepa", "contrastive"):
+            sums.setdefault(f"{k}/{ds}", []).append(float(m[k]))
+          last = m
+      if logs:
         scalars = {k: float(np.mean(v)) for k, v in sums.items()}
-        scalars.update(loss=float(metrics["loss"]), lr=float(metrics["lr"]))
+        scalars.update(loss=float(last["loss"]), lr=float(last["lr"]))
         writer.write_scalars(step, scalars)
         sums.clear()
       if loop.end_step(step, state):
         return
   writer.flush()
   logging.info("trained %d steps in %.1f s", step, time.time() - t_start)
-  loop.finish(step, state, float(metrics["loss"]), scalars)
+  loop.finish(step, state, float(last["loss"]), scalars)
