@@ -24,6 +24,7 @@ import tifffile
 
 from anysat_jax import AnySat
 from anysat_jax.checkpoints import convert
+from anysat_jax.core import modalities as mods
 from anysat_jax.inference import embed, embed_cli
 from anysat_jax.io import geotiff, rasters
 from anysat_jax.tools.parity import rel_l2
@@ -212,6 +213,21 @@ def test_errors(model, ckpt, caplog):
   argv = [a for a in SAMPLE_ARGS if a not in ("--crop", "aerial=300")]
   assert embed_cli.main([*argv, "--weights", str(ckpt), "--out", "unused.npz"]) == 2
   assert "but aerial: 304x304 px x 0.2 m = 60.8 x 60.8 m" in caplog.text
+
+
+def test_aerial_band_names_follow_the_colour_infrared_file():
+  """TreeSatAI's aerial tiles are colour-infrared, bands NIR, G, B, R in the file (the archive's
+  documentation); the reader keeps file order, as the official loader does."""
+  bands = mods.get("aerial").bands
+  assert bands == ("NIR", "G", "B", "R")
+  assert [bands.index(b) + 1 for b in ("R", "G", "B")] == [4, 2, 3]  # 1-based file bands
+  pixels = tifffile.imread(TIF)  # (H, W, C), pixel-interleaved
+  means = pixels.reshape(-1, 4).mean(0)
+  np.testing.assert_allclose(means, [137.262, 86.090, 82.252, 75.972], atol=1e-3)
+  # Over forest the near infrared is the brightest band and red the darkest.
+  assert np.argmax(means) == bands.index("NIR") and np.argmin(means) == bands.index("R")
+  read = rasters.read_input("aerial", str(TIF)).data
+  np.testing.assert_array_equal(read, np.moveaxis(pixels, -1, 0))
 
 
 def test_dates():
