@@ -26,7 +26,7 @@ import tifffile
 
 from anysat_jax.io import geotiff
 
-DIM = dict(dim=32, depth=1, num_heads=4, spatial_depth=1, spatial_heads=4)
+DIM = dict(dim=64, depth=1, num_heads=4, spatial_depth=1, spatial_heads=4)
 _EPSG_32631 = ((geotiff.GEO_KEY_DIRECTORY, 3, 16,
                 (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32631)),)
 
