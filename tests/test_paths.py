@@ -7,7 +7,7 @@ from anysat_jax.core import paths
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_configs_dir_is_the_importable_package():
+def test_configs_dir_is_the_package_beside_anysat_jax():
   assert paths.configs_dir() == os.path.join(REPO, "configs")
 
 

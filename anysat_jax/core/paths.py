@@ -7,7 +7,6 @@ the installed ``configs`` package instead.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Sequence
 
@@ -15,11 +14,12 @@ CONFIGS_PACKAGE = "configs"
 
 
 def configs_dir() -> str | None:
-  """The directory of the importable ``configs`` package (not imported), or None."""
-  spec = importlib.util.find_spec(CONFIGS_PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  return os.path.abspath(list(spec.submodule_search_locations)[0])
+  """The ``configs`` package shipped beside ``anysat_jax`` (in a checkout or in site-packages),
+  or None. Found from this file, not by import, so a ``configs`` folder in the working
+  directory cannot stand in for it."""
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__)))), CONFIGS_PACKAGE)
+  return root if os.path.isfile(os.path.join(root, "__init__.py")) else None
 
 
 def resolve_config_path(spec: str, cwd: str | None = None) -> str:

@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
   add("--scene", action="append", metavar="PX:OUTPUT",
       help="scene side in pixels and output (tile, patch, dense); default 10000:tile")
   add("--dates", type=int, default=1, help="Sentinel-2 dates per scene")
-  add("--tile_m", type=float, default=2560.0, help="window side, metres")
+  add("--tile_m", type=float, default=1280.0, help="window side, metres")
   add("--patch_size", type=int, default=40, help="patch side, metres")
-  add("--batch", type=int, default=4, help="windows per model call")
+  add("--batch", type=int, default=8, help="windows per model call")
   add("--workdir", help="where the scenes are written (default: a temporary folder)")
   add("--json", help="also write the rows to this file")
   add("--child", action="store_true", help=argparse.SUPPRESS)
