@@ -27,6 +27,7 @@ from anysat_jax.checkpoints import convert
 from anysat_jax.core import modalities as mods
 from anysat_jax.inference import embed, embed_cli
 from anysat_jax.io import cog, geotiff, rasters
+from anysat_jax.tools import embed_bench
 from anysat_jax.tools.parity import rel_l2
 from input_pipeline.datasets import treesatai_ts
 from input_pipeline.normalization import load_stats
@@ -448,3 +449,13 @@ def test_window_reads_keep_resident_memory_bounded(tmp_path):
       total += float(window.astype(np.float64).sum())
   assert total == 10 * 2000 * sum(range(2000))
   assert _rss_file_kib() - before < 16 * 1024
+
+
+def test_bench_scene_is_a_georeferenced_sentinel2_geotiff(tmp_path):
+  """``tools.embed_bench.make_scene``: the scene the memory benchmark embeds."""
+  path = tmp_path / "s2.tif"
+  embed_bench.make_scene(str(path), 300, dates=2)
+  r = rasters.read_input("s2", str(path), dates=np.array([15.0, 45.0], np.float32))
+  assert r.data.shape == (2, 10, 300, 300) and r.georef.epsg == 32631 and r.georef.dx == 10
+  x = r.data[..., 0:300, 0:300]
+  assert 200 <= x.min() and x.max() < 4500 and len(np.unique(x[0, 0, :, 0])) > 1

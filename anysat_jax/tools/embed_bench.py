@@ -1,9 +1,10 @@
 """Memory of ``python -m anysat_jax.embed`` on large scenes: prints a table of peak resident
 memory and time for Sentinel-2 scenes made on the fly.
 
-  python -m anysat_jax.tools.embed_bench [--scene 10000:tile --scene 2000:dense ...]
+  python -m anysat_jax.tools.embed_bench [--scene 10000:tile --scene 2000:cog ...]
 
-Each scene (``PX:OUTPUT``) is written as an uncompressed, pixel-interleaved uint16 GeoTIFF of
+Each scene (``PX:OUTPUT``, OUTPUT ``tile``, ``patch``, ``dense`` or ``cog``, a dense
+cloud-optimized GeoTIFF) is written as an uncompressed, pixel-interleaved uint16 GeoTIFF of
 PX x PX pixels at 10 m (10 bands per date), then embedded by the command line's code in its own
 subprocess with a small random model (speed and memory do not depend on the weights); the
 table gives the subprocess's peak resident memory (``VmHWM``) and the peaks of its anonymous
@@ -26,6 +27,7 @@ import tifffile
 
 from anysat_jax.io import geotiff
 
+OUTPUTS = ("tile", "patch", "dense", "cog")
 DIM = dict(dim=64, depth=1, num_heads=4, spatial_depth=1, spatial_heads=4)
 _EPSG_32631 = ((geotiff.GEO_KEY_DIRECTORY, 3, 16,
                 (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32631)),)
@@ -57,10 +59,13 @@ def _child(args: argparse.Namespace) -> int:
   argv = ["--input", f"s2={args.scene_path}", "--dates",
           "s2=" + ",".join(str(15 + 30 * i) for i in range(args.dates)),
           "--stats", "pastis_hd", "--patch_size", str(args.patch_size),
-          "--tile_m", str(args.tile_m), "--batch", str(args.batch), "--output", args.output,
-          "--out", args.out, "--overwrite"]
-  if args.output == "dense":
-    argv += ["--dense_bands", "first"]
+          "--tile_m", str(args.tile_m), "--batch", str(args.batch), "--out", args.out,
+          "--overwrite"]
+  if args.output in ("dense", "cog"):
+    argv += ["--output", "dense", "--dense_bands", "first"] + (["--cog"] if args.output == "cog"
+                                                               else [])
+  else:
+    argv += ["--output", args.output]
   cli = embed_cli.parse_args(argv)
   model = AnySat("tiny", modalities=("s2",), seed=0, **DIM)
   embed_cli.run(model, cli)
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   add = parser.add_argument
   add("--scene", action="append", metavar="PX:OUTPUT",
-      help="scene side in pixels and output (tile, patch, dense); default 10000:tile")
+      help=f"scene side in pixels and output ({', '.join(OUTPUTS)}); default 10000:tile")
   add("--dates", type=int, default=1, help="Sentinel-2 dates per scene")
   add("--tile_m", type=float, default=1280.0, help="window side, metres")
   add("--patch_size", type=int, default=40, help="patch side, metres")
@@ -131,11 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.scene or ["10000:tile"]:
       px, _, output = spec.partition(":")
       px, output = int(px), output or "tile"
+      if output not in OUTPUTS:
+        parser.error(f"--scene {spec}: OUTPUT must be one of {', '.join(OUTPUTS)}")
       path = os.path.join(tmp, f"s2_{px}.tif")
       t0 = time.time()
       make_scene(path, px, args.dates)
       made = time.time() - t0
-      out = os.path.join(tmp, f"out_{px}_{output}" + (".tif" if output == "dense" else ".npz"))
+      out = os.path.join(tmp, f"out_{px}_{output}" + (".npz" if output in ("tile", "patch")
+                                                          else ".tif"))
       row = {"scene_px": px, "output": output, "scene_mib": os.path.getsize(path) / 2**20,
              "out_mib": 0.0, "make_s": made, **measure(path, output, args, out)}
       row["out_mib"] = os.path.getsize(out) / 2**20
