@@ -24,8 +24,10 @@ import tifffile
 
 from anysat_jax import AnySat
 from anysat_jax.checkpoints import convert
+from anysat_jax.core import modalities as mods
 from anysat_jax.inference import embed, embed_cli
-from anysat_jax.io import geotiff, rasters
+from anysat_jax.io import cog, geotiff, rasters
+from anysat_jax.tools import embed_bench
 from anysat_jax.tools.parity import rel_l2
 from input_pipeline.datasets import treesatai_ts
 from input_pipeline.normalization import load_stats
@@ -214,6 +216,21 @@ def test_errors(model, ckpt, caplog):
   assert "but aerial: 304x304 px x 0.2 m = 60.8 x 60.8 m" in caplog.text
 
 
+def test_aerial_band_names_follow_the_colour_infrared_file():
+  """TreeSatAI's aerial tiles are colour-infrared, bands NIR, G, B, R in the file (the archive's
+  documentation); the reader keeps file order, as the official loader does."""
+  bands = mods.get("aerial").bands
+  assert bands == ("NIR", "G", "B", "R")
+  assert [bands.index(b) + 1 for b in ("R", "G", "B")] == [4, 2, 3]  # 1-based file bands
+  pixels = tifffile.imread(TIF)  # (H, W, C), pixel-interleaved
+  means = pixels.reshape(-1, 4).mean(0)
+  np.testing.assert_allclose(means, [137.262, 86.090, 82.252, 75.972], atol=1e-3)
+  # Over forest the near infrared is the brightest band and red the darkest.
+  assert np.argmax(means) == bands.index("NIR") and np.argmin(means) == bands.index("R")
+  read = rasters.read_input("aerial", str(TIF)).data
+  np.testing.assert_array_equal(read, np.moveaxis(pixels, -1, 0))
+
+
 def test_dates():
   assert rasters.parse_dates("2020-01-02,20200201, 45").tolist() == [2, 32, 45]
   assert rasters.day_of_year(b"S1A_IW_GRDH_1SDV_20200103T170841_20200103T170906") == 3
@@ -316,6 +333,15 @@ def test_cli_bands_nodata_overwrite_and_refusals(ckpt, tmp_path, caplog):
                             20, "dense", dense_bands="first", stats={"s2": (stats.mean,
                                                                             stats.std)})
   np.testing.assert_allclose(got, np.moveaxis(want.features, -1, 0), rtol=1e-5, atol=1e-6)
+  cogged = tmp_path / "f_cog.tif"
+  assert embed_cli.main([*argv, "--cog", "--out", str(cogged)]) == 0
+  cog_data, cog_ref = geotiff.read(cogged)
+  np.testing.assert_array_equal(cog_data, got)
+  assert cog_ref == ref
+  assert embed_cli.main([*argv, "--output", "tile", "--cog", "--out", str(tmp_path / "t.npz")]
+                        ) == 2
+  assert "--cog writes a dense map's GeoTIFF; --output tile writes a table" in caplog.text
+  cogged.unlink()
 
   before = out.read_bytes()
   caplog.clear()
@@ -339,3 +365,97 @@ def test_cli_bands_nodata_overwrite_and_refusals(ckpt, tmp_path, caplog):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["f.tif", "s2.tif"]
   assert embed_cli.main([*argv, "--out", str(out), "--overwrite", "--dense_bands", "last"]) == 0
   assert out.read_bytes() != before
+
+
+def _mean_2x2(x):
+  """Reference overview: the mean of the finite values of each 2 x 2 block (edges: 1 or 2)."""
+  h, w, d = x.shape
+  out = np.full((-(-h // 2), -(-w // 2), d), np.nan, np.float32)
+  for i in range(out.shape[0]):
+    for j in range(out.shape[1]):
+      block = x[2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(-1, d)
+      for c in range(d):
+        finite = block[:, c][np.isfinite(block[:, c])]
+        if finite.size:
+          out[i, j, c] = finite.astype(np.float64).mean()
+  return out
+
+
+@pytest.mark.parametrize("bigtiff", [False, True])
+def test_cog_layout_overviews_and_georeference(tmp_path, bigtiff):
+  """``io.cog.write_cog``: the layout GDAL's COG validator checks (full-resolution IFD at the
+  start, overview IFDs after it by decreasing size, all IFDs before the data, the smallest
+  overview's tiles first and the full resolution's last), exact full-resolution values,
+  overviews equal to the 2 x 2 mean of finite values, and the georeference kept."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(100, 70, 3)).astype(np.float32)
+  x[:5, :7] = np.nan
+  x[40:44, 20:22, 1] = np.nan
+  keys = (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32631)
+  ref = geotiff.GeoRef(500000.0, 5000000.0, 10.0, 10.0,
+                       crs_tags=((geotiff.GEO_KEY_DIRECTORY, 3, len(keys), keys),))
+  path = tmp_path / "map.tif"
+  blocks = (x[r:r + 7] for r in range(0, 100, 7))   # blocks that do not align with the tiles
+  n = cog.write_cog(path, x.shape, blocks, ref, {"anysat": "{}"}, nodata=float("nan"), tile=16,
+                    bigtiff=bigtiff)
+  assert n == 3
+  data, got_ref = geotiff.read(path)
+  np.testing.assert_array_equal(data, np.moveaxis(x, -1, 0))
+  assert got_ref.epsg == 32631 and (got_ref.x0, got_ref.y0, got_ref.dx) == (500000, 5e6, 10)
+  with tifffile.TiffFile(path) as tif:
+    assert tif.is_bigtiff == bigtiff
+    pages = list(tif.pages)
+    assert [p.shape[:2] for p in pages] == [(100, 70), (50, 35), (25, 18), (13, 9)]
+    assert [p.tags.valueof(254) for p in pages] == [0, 1, 1, 1]
+    assert all(p.is_tiled and p.tilewidth == 16 and p.compression == 8 for p in pages)
+    assert pages[0].tags.valueof(geotiff.GDAL_METADATA) == \
+        '<GDALMetadata><Item name="anysat">{}</Item></GDALMetadata>'
+    assert all(p.tags.valueof(geotiff.GDAL_NODATA) == "nan" for p in pages)
+    assert all(p.tags.get(geotiff.GEO_KEY_DIRECTORY) is None for p in pages[1:])
+    ifds = [p.offset for p in pages]
+    assert ifds[0] == (16 if bigtiff else 8) and ifds == sorted(ifds)
+    first = [p.dataoffsets[0] for p in pages]
+    assert min(first) > ifds[-1] and first == sorted(first, reverse=True)
+    for p in pages:   # each image's tiles in row-major order, back to back
+      ends = np.add(p.dataoffsets, p.databytecounts)
+      np.testing.assert_array_equal(ends[:-1], p.dataoffsets[1:])
+    level = x
+    for p in pages[1:]:
+      level = _mean_2x2(level)
+      np.testing.assert_allclose(p.asarray(), level, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def _rss_file_kib() -> int:
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+def test_window_reads_keep_resident_memory_bounded(tmp_path):
+  """Reading a memory-mapped GeoTIFF window by window does not leave the file resident: after
+  reading all 80 MB of it, resident file-backed memory has grown by less than 16 MB."""
+  path = tmp_path / "scene.tif"
+  tifffile.imwrite(path, shape=(2000, 2000, 10), dtype=np.uint16, photometric="minisblack",
+                   planarconfig="contig", metadata=None)
+  scene = tifffile.memmap(path, mode="r+")
+  scene[:] = np.arange(2000, dtype=np.uint16)[:, None, None]
+  scene.flush()
+  del scene
+  r = rasters.read_input("s2", str(path), dates=np.array([1.0], np.float32))
+  before, total = _rss_file_kib(), 0.0
+  for i in range(0, 2000, 400):
+    for j in range(0, 2000, 400):
+      window = r.data[..., i:i + 400, j:j + 400]
+      assert window.shape == (1, 10, 400, 400)
+      total += float(window.astype(np.float64).sum())
+  assert total == 10 * 2000 * sum(range(2000))
+  assert _rss_file_kib() - before < 16 * 1024
+
+
+def test_bench_scene_is_a_georeferenced_sentinel2_geotiff(tmp_path):
+  """``tools.embed_bench.make_scene``: the scene the memory benchmark embeds."""
+  path = tmp_path / "s2.tif"
+  embed_bench.make_scene(str(path), 300, dates=2)
+  r = rasters.read_input("s2", str(path), dates=np.array([15.0, 45.0], np.float32))
+  assert r.data.shape == (2, 10, 300, 300) and r.georef.epsg == 32631 and r.georef.dx == 10
+  x = r.data[..., 0:300, 0:300]
+  assert 200 <= x.min() and x.max() < 4500 and len(np.unique(x[0, 0, :, 0])) > 1

@@ -72,7 +72,9 @@ _S2_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
 
 MODALITIES: types.MappingProxyType[str, Modality] = types.MappingProxyType({
     m.name: m for m in (
-        _vhr("aerial", ("R", "G", "B", "NIR"), 0.2, 10, 2.0, "8-bit digital numbers"),
+        # TreeSatAI's colour-infrared orthophotos, bands in file order (the order the official
+        # loader feeds the released weights): NIR, G, B, R.
+        _vhr("aerial", ("NIR", "G", "B", "R"), 0.2, 10, 2.0, "8-bit digital numbers"),
         _vhr("aerial-flair", ("R", "G", "B", "NIR", "nDSM"), 0.2, 10, 2.0,
              "8-bit digital numbers"),
         _vhr("spot", ("R", "G", "B"), 1.0, 10, 10.0, "8-bit digital numbers"),

@@ -25,9 +25,10 @@ passed unchanged with ``--no_normalize``. The file's nodata value and NaNs are m
     --output dense --tile_m 1200 --overlap_m 240 --taper cosine --out scene_features.tif
 
 Windows of ``--tile_m`` metres slide by ``tile_m - overlap_m`` over all modalities jointly.
-Dense maps stream to a compressed, tiled GeoTIFF: memory holds one batch of windows and one
-row of windows of the map, not the scene. An existing ``--out`` is replaced only with
-``--overwrite``, atomically; an ``--out`` that is one of the inputs is refused.
+Dense maps stream to a compressed, tiled GeoTIFF (``--cog``: cloud-optimized, with overviews):
+memory holds one batch of windows and one row of windows of the map, not the scene. An
+existing ``--out`` is replaced only with ``--overwrite``, atomically; an ``--out`` that is one
+of the inputs is refused.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import numpy as np
 
 from anysat_jax.inference import cli_inputs, embed, tiling
 from anysat_jax.inference.api import AnySat
-from anysat_jax.io import atomic, geotiff, tables
+from anysat_jax.io import atomic, cog, geotiff, tables
 from input_pipeline.normalization import OFFICIAL, load_stats
 
 log = logging.getLogger("anysat_jax.embed")
@@ -80,6 +81,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       help="dense bands: all 2E, first E (patch token), last E (sub-patch token)")
   add("--compression", default="deflate", choices=geotiff.COMPRESSIONS,
       help="dense GeoTIFF compression (zstd needs imagecodecs)")
+  add("--cog", action="store_true",
+      help="dense: write a cloud-optimized GeoTIFF (internal overviews, IFDs before the data)")
   add("--batch", type=int, default=8, help="windows per model call")
   add("--name", help="scene name in the table (default: first input's stem)")
   add("--out", required=True, help="tile/patch: .npz or .parquet table; dense: .tif GeoTIFF")
@@ -156,6 +159,8 @@ def run(model: AnySat, args: argparse.Namespace) -> embed.Embedding | None:
   suffixes = (".tif", ".tiff") if args.output == "dense" else tables.TABLE_SUFFIXES
   if not args.out.lower().endswith(suffixes):
     raise ValueError(f"--output {args.output} writes {' or '.join(suffixes)}, not {args.out}")
+  if args.cog and args.output != "dense":
+    raise ValueError(f"--cog writes a dense map's GeoTIFF; --output {args.output} writes a table")
   out = atomic.check_output(args.out, list(inputs.values()), args.overwrite)
   found = cli_inputs.read_inputs(args)
   names = list(found)
@@ -185,11 +190,13 @@ def run(model: AnySat, args: argparse.Namespace) -> embed.Embedding | None:
     metadata = {"anysat": json.dumps(meta)}
     if georef is not None and georef.epsg is not None:
       metadata["crs"] = f"EPSG:{georef.epsg}"
+    write = cog.write_cog if args.cog else geotiff.write_rows
     with atomic.replacing(out) as tmp:
-      geotiff.write_rows(tmp, (h, w, depth), rows, out_ref, metadata,
-                         compression=args.compression, nodata=float("nan"))
-    log.info("wrote a %dx%d dense map of %d bands at %g m to %s", h, w, depth, float(win.cell),
-             out)
+      overviews = write(tmp, (h, w, depth), rows, out_ref, metadata,
+                        compression=args.compression, nodata=float("nan"))
+    log.info("wrote a %dx%d dense map of %d bands at %g m to %s%s", h, w, depth,
+             float(win.cell), out,
+             f" (cloud-optimized, {overviews} overviews)" if args.cog else "")
     return None
   features = np.concatenate([y for _, y in embed.encode(scene, batch=args.batch,
                                                         progress=True)])

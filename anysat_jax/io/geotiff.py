@@ -240,6 +240,12 @@ def _tiles(rows: Iterable[np.ndarray], height: int, width: int, side: int,
       buf, have, done = [strip[take:]], have - take, done + take
 
 
+def gdal_metadata(items: Mapping[str, str]) -> str:
+  """Dataset metadata items as GDAL writes them in its GDAL_METADATA tag (XML)."""
+  body = "".join(f"<Item name={quoteattr(k)}>{escape(v)}</Item>" for k, v in items.items())
+  return f"<GDALMetadata>{body}</GDALMetadata>"
+
+
 def write_rows(path: str | os.PathLike, shape: tuple[int, int, int],
                rows: Iterable[np.ndarray], georef: GeoRef | None,
                metadata: Mapping[str, str] | None = None, *, compression: str = "deflate",
@@ -254,8 +260,7 @@ def write_rows(path: str | os.PathLike, shape: tuple[int, int, int],
   height, width, bands = shape
   tags = georef.tags() if georef is not None else []
   if metadata:
-    items = "".join(f"<Item name={quoteattr(k)}>{escape(v)}</Item>" for k, v in metadata.items())
-    tags.append((GDAL_METADATA, 2, 0, f"<GDALMetadata>{items}</GDALMetadata>", True))
+    tags.append((GDAL_METADATA, 2, 0, gdal_metadata(metadata), True))
   if nodata is not None:
     tags.append((GDAL_NODATA, 2, 0, "nan" if math.isnan(nodata) else repr(float(nodata)), True))
   side = min(tile_side(bands), -(-max(height, width) // 16) * 16)   # small maps: small tiles

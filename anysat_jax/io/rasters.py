@@ -3,7 +3,8 @@
 A raster is read lazily where the file allows it (an uncompressed GeoTIFF or a ``.npy`` is
 memory-mapped; other files are read once): ``Raster.data`` is a ``Bands`` view that selects
 the bands, reshapes a series stored date by date as T*C bands to (T, C, H, W) and turns the
-file's nodata value into NaN, window by window, so a large scene is never copied whole.
+file's nodata value into NaN, window by window, so a large scene is never copied whole; the
+mapped pages are released after each read, so resident memory does not grow with the file.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import mmap
 import os
 import re
 from collections.abc import Sequence
@@ -53,6 +55,19 @@ def parse_dates(spec: str) -> np.ndarray:
   return np.array([day_of_year(i) for i in items], np.float32)
 
 
+def _release(x: Any) -> None:
+  """Drops the pages of a memory-mapped file that reads have mapped into this process: they
+  stay in the page cache, but resident memory stays bounded by the windows read, not the file
+  (a file mapping keeps every page it touched resident otherwise)."""
+  while isinstance(x, np.ndarray):
+    m = getattr(x, "_mmap", None)
+    if m is not None:
+      if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        m.madvise(mmap.MADV_DONTNEED)
+      return
+    x = x.base
+
+
 class Bands:
   """A lazy (C, H, W) or (T, C, H, W) float32 view of a file's (N, H, W) bands.
 
@@ -90,6 +105,7 @@ class Bands:
     flat = self.index.ravel()
     x = np.asarray(self.base[flat.min():flat.max() + 1, r0:r1, c0:c1])[flat - flat.min()]
     x = x.astype(np.float32).reshape(*self.index.shape, r1 - r0, c1 - c0)
+    _release(self.base)
     if self.nodata is not None and not math.isnan(self.nodata):
       x[x == np.float32(self.nodata)] = np.nan
     return x
