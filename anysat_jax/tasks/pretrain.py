@@ -112,13 +112,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], masks: dict[str, 
   enc_cfg, pred_cfg = model_configs(config)
   student, teacher_model = Student(enc_cfg, pred_cfg), AnySatEncoder(enc_cfg)
   tx = make_optimizer(config)
-  key, k_time, k_mod = jax.random.split(jax.random.fold_in(state.key, state.step), 3)
+  key, k_time, k_mod, k_drop, k_tdrop = jax.random.split(
+      jax.random.fold_in(state.key, state.step), 5)
   teacher = optim.teacher_params(state.opt_state)
   ctx_idx = masks["ctx_idx"]
   tgt_idx, tgt_valid = (masks[k].transpose(1, 0, 2) for k in ("tgt_idx", "tgt_valid"))
 
+  # The reference's teacher runs in training mode (L-TAE dropout on); teacher_dropout=False: eval.
   z_teacher, _ = teacher_model.apply({"params": teacher}, batch, patch_size,
-                                     method=AnySatEncoder.features)
+                                     method=AnySatEncoder.features, rngs={"dropout": k_tdrop},
+                                     deterministic=not config.model.get("teacher_dropout", True))
   target = losses.target_tokens(z_teacher[:, 1:], tgt_idx)
   mcfg = mask_config(config)
   student_in = masking.apply_temporal_mask(
@@ -129,9 +132,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], masks: dict[str, 
 
   def loss_fn(params):
     out = student.apply({"params": params}, student_in, patch_size, ctx_idx, tgt_idx,
-                        tgt_valid, visible)
+                        tgt_valid, visible, deterministic=False, rngs={"dropout": k_drop})
     jepa = losses.jepa_loss(out.pred, target, tgt_valid, kind=config.loss.jepa)
-    con = losses.contrastive_loss(out.tokens, tau=config.loss.tau)
+    con = losses.contrastive_loss(out.tokens, out.valid, tau=config.loss.tau)
     return jepa + config.loss.contrastive_weight * con, (jepa, con)
 
   (loss, (jepa, con)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
