@@ -43,8 +43,8 @@ SCENARIOS = {
                                                    "s1-asc": (10, 2, 6), "s2": (10, 10, 6)},
                                    "train step"),
 }
-CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "geoplex.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_FILE = os.path.join(REPO, "configs", "geoplex.py")
 
 
 def make_batch(batch: int, spec: dict, seed: int = 0) -> dict[str, np.ndarray]:
@@ -111,8 +111,8 @@ def _time_train_step(name: str, size: str, batch: int, patch: int, inputs: dict,
   spec.loader.exec_module(module)
   config = module.get_config("demo" if size == "tiny" else None)
   config.model.size = size
+  config.model.overrides = {}           # float32, no remat: the CPU row
   if size == "tiny":
-    config.model.overrides = {}
     config.model.predictor = dict(dim=256, depth=2, num_heads=4)
   state = jax.jit(lambda: train.init_state(config))()
   side = round(inputs["s2"].shape[-1] * 10 / patch)
