@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- Precision and memory (GPU / TPU) --------------------------------------------------
   # bf16 matmuls, rematerialised blocks, L-TAE and spatial encoder in rematerialised chunks of
-  # 16384 rows: every bucket's step at its paper batch fits an 80 GB card (README, Performance;
+  # 16384 rows, so that a step at the paper's batches fits an 80 GB card (launch/README.md;
   # ``python -m anysat_jax.bench --compiled``). The demo variant replaces these overrides.
   c.model.overrides = dict(dtype="bfloat16", remat=True, chunk_tokens=16384,
                            attention_impl="dot_product_attention")
