@@ -31,8 +31,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.size = "base"
-  c.model.overrides = {}
   c.model.predictor = dict(dim=768, depth=4, num_heads=16)
+  # The reference's teacher runs in training mode: its L-TAE dropouts act (False: eval mode).
+  c.model.teacher_dropout = True
+
+  # ---- Precision and memory (GPU / TPU) --------------------------------------------------
+  # bf16 matmuls, rematerialised blocks, L-TAE and spatial encoder in rematerialised chunks of
+  # 16384 rows, so that a step at the paper's batches fits an 80 GB card (launch/README.md;
+  # ``python -m anysat_jax.bench --compiled``). The demo variant replaces these overrides.
+  c.model.overrides = dict(dtype="bfloat16", remat=True, chunk_tokens=16384,
+                           attention_impl="dot_product_attention")
+  # ----------------------------------------------------------------------------------------
 
   c.masking = dict(num_targets=4, target_scale=(0.2, 0.8), target_aspect=(0.75, 1.5),
                    context_scale=(0.85, 1.0), context_fraction=0.15, modality_ratio=0.5,

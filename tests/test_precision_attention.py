@@ -118,17 +118,22 @@ def test_dot_product_attention_equals_xla_path(mode):
   assert _rel_leaves(outs["dot_product_attention"], outs["xla"]) < 1e-6
 
 
-def test_remat_gives_the_same_gradients():
+def test_remat_and_chunks_give_the_same_outputs_and_gradients():
+  """remat, and chunks of 9 rows (several chunks per L-TAE and spatial-encoder call, the last
+  one padded) change neither the outputs nor the gradients."""
   inputs = _inputs(np.random.default_rng(1))
-  grads = {}
-  for remat in (False, True):
-    cfg = override(CONFIG, remat=remat)
+  outs, grads = {}, {}
+  for remat, chunk in ((False, 0), (True, 0), (True, 9)):
+    cfg = override(CONFIG, remat=remat, chunk_tokens=chunk)
     predictor = Predictor(32, 2, 4, remat=remat)
     params = _params(cfg, predictor, inputs)
     fn = _everything(cfg, predictor, inputs)
     loss = lambda e, p, fn=fn: sum(jnp.sum(jnp.sin(x)) for x in fn(e, p))
-    grads[remat] = jax.jit(jax.grad(loss, argnums=(0, 1)))(*params)
-  assert _rel_tree(grads[True], grads[False]) < 1e-6
+    outs[chunk, remat] = jax.jit(fn)(*params)
+    grads[chunk, remat] = jax.jit(jax.grad(loss, argnums=(0, 1)))(*params)
+  for key in ((0, True), (9, True)):
+    assert _rel_leaves(outs[key], outs[0, False]) < 1e-6, key
+    assert _rel_tree(grads[key], grads[0, False]) < 1e-6, key
 
 
 def test_bfloat16_train_step_keeps_float32_state():

@@ -26,6 +26,11 @@ class ProjectorConfig:
   out_widths: L-TAE only: widths of the MLP after the temporal attention, e.g. (E,).
   reduce_scale, date_period, in_norm: see ``modalities.Modality``.
   n_head, d_k: L-TAE attention heads and key width.
+  dropout: L-TAE only: dropout rate after every input-MLP stage and after the output MLP
+    (the pretraining config's rates, ``LTAE_DROPOUT``); active only in a non-deterministic
+    (training) apply.
+  attn_dropout: L-TAE only: dropout rate of the attention weights over the dates (0.1, fixed
+    in the reference); likewise training-only.
   """
 
   widths: tuple[int, ...]
@@ -35,6 +40,8 @@ class ProjectorConfig:
   in_norm: bool = False
   n_head: int = 16
   d_k: int = 8
+  dropout: float = 0.0
+  attn_dropout: float = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +55,10 @@ class EncoderConfig:
     (``jax.nn.dot_product_attention``, cuDNN's fused kernel on NVIDIA GPUs in bf16); see
     ``layers.attention``.
   remat: recompute each transformer block's activations in the backward pass (less memory).
+  chunk_tokens: > 0: the L-TAE projectors (pixel x date rows) and the spatial encoder (patch x
+    token rows) run in chunks of at most this many rows, each chunk rematerialised, so that
+    training holds one chunk's activations instead of the whole batch's (see
+    ``layers.chunked_map``); 0: one pass. Results do not depend on it.
   """
 
   dim: int
@@ -61,6 +72,7 @@ class EncoderConfig:
   dtype: str = "float32"
   attention_impl: str = "xla"
   remat: bool = False
+  chunk_tokens: int = 0
 
   def projector(self, modality: str) -> ProjectorConfig:
     for name, cfg in self.projectors:
@@ -81,13 +93,17 @@ SIZES: Mapping[str, dict[str, int]] = {
 }
 
 
+# L-TAE dropout rates of the pretraining encoder config (Any_Base_multi.yaml); 0.2 elsewhere.
+LTAE_DROPOUT = {"s2": 0.0, "l8": 0.0}
+
+
 def default_projector(modality: str, dim: int) -> ProjectorConfig:
   m = mods.get(modality)
   if m.projector == "vhr":
     return ProjectorConfig(widths=(dim, 2 * dim, dim))
   return ProjectorConfig(widths=(dim // 8, dim // 2, dim, 2 * dim, dim), out_widths=(dim,),
                          reduce_scale=m.reduce_scale, date_period=m.date_period,
-                         in_norm=m.in_norm)
+                         in_norm=m.in_norm, dropout=LTAE_DROPOUT.get(modality, 0.2))
 
 
 # Dotted names of the official hub constructor that map onto ours.
@@ -96,7 +112,8 @@ _HUB_NAMES = {"embed_dim": "dim", "depth": "depth", "num_heads": "num_heads",
               "spatial_encoder.num_heads": "spatial_heads", "mlp_ratio": "mlp_ratio",
               "spatial_encoder.mlp_ratio": "mlp_ratio"}
 _PROJECTOR_NAMES = {"mlp_in": "widths", "reduce_scale": "reduce_scale", "T": "date_period",
-                    "in_norm": "in_norm", "n_head": "n_head", "d_k": "d_k"}
+                    "in_norm": "in_norm", "n_head": "n_head", "d_k": "d_k", "dropout": "dropout",
+                    "attn_dropout": "attn_dropout"}
 
 
 def encoder_config(size: str = "base", *, modalities: tuple[str, ...] | None = None,
@@ -107,8 +124,8 @@ def encoder_config(size: str = "base", *, modalities: tuple[str, ...] | None = N
   (a name or a numpy / jax dtype, stored as its name) …), or the
   hub's dotted names (``embed_dim``, ``spatial_encoder.depth``, ``projectors.<mod>.<field>``
   with field ``mlp_in``, ``mlp``, ``reduce_scale``, ``T``, ``in_norm``, ``n_head``, ``d_k``,
-  ``embed_dim``). ``modalities`` limits which projectors are built (default: all 11).
-  Unknown names raise ``ValueError``.
+  ``dropout``, ``attn_dropout``, ``embed_dim``). ``modalities`` limits which projectors are
+  built (default: all 11). Unknown names raise ``ValueError``.
   """
   if size not in SIZES:
     raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")

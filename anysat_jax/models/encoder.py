@@ -53,40 +53,47 @@ class AnySatEncoder(nn.Module):
     self.projectors = {
         name: VHRProjector(mods.get(name), pcfg, dtype, name=mods.get(name).param_name)
         if mods.get(name).projector == "vhr"
-        else LTAEProjector(mods.get(name), pcfg, name=mods.get(name).param_name)
+        else LTAEProjector(mods.get(name), pcfg, cfg.chunk_tokens,
+                           name=mods.get(name).param_name)
         for name, pcfg in cfg.projectors}
-    self.spatial_encoder = SpatialEncoder(cfg.spatial_depth, cfg.spatial_heads, cfg.mlp_ratio,
-                                          dtype, cfg.attention_impl, cfg.remat,
-                                          name="spatial_encoder")
+    self.spatial_encoder = SpatialEncoder(cfg.dim, cfg.spatial_depth, cfg.spatial_heads,
+                                          cfg.mlp_ratio, dtype, cfg.attention_impl, cfg.remat,
+                                          cfg.chunk_tokens, name="spatial_encoder")
     self.combiner = Combiner(cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.combiner_attention,
                              dtype, cfg.attention_impl, cfg.remat, name="combiner")
     self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.dim))
 
-  def project(self, inputs: dict[str, jax.Array], name: str, scale: int) -> jax.Array:
+  def project(self, inputs: dict[str, jax.Array], name: str, scale: int, *,
+              deterministic: bool = True) -> jax.Array:
     """One modality's projector: -> sub-patch tokens (B * N_m, K_m, E)."""
     x = inputs[name]
     if mods.get(name).projector == "vhr":
       return self.projectors[name](x, scale)
     return self.projectors[name](x, inputs[name + mods.DATES_SUFFIX], scale,
                                  inputs.get(name + mods.MASK_SUFFIX),
-                                 inputs.get(name + mods.VALID_SUFFIX))
+                                 inputs.get(name + mods.VALID_SUFFIX),
+                                 deterministic=deterministic)
 
-  def encode_patches(self, inputs: dict[str, jax.Array], name: str, scale: int
-                     ) -> tuple[jax.Array, jax.Array]:
+  def encode_patches(self, inputs: dict[str, jax.Array], name: str, scale: int, *,
+                     deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
     """Projector + spatial encoder: (patch tokens (B*N, E), sub-patch tokens (B*N, K, E))."""
-    tokens = self.project(inputs, name, scale)
+    tokens = self.project(inputs, name, scale, deterministic=deterministic)
     return self.spatial_encoder(tokens, scale, mods.get(name).subpatch_m)
 
   def embed(self, inputs: dict[str, jax.Array], patch_size: int,
-            dense_modality: str | None = None) -> Embedding:
-    """Projectors + spatial encoder for every modality, in the dict's order."""
+            dense_modality: str | None = None, *, deterministic: bool = True) -> Embedding:
+    """Projectors + spatial encoder for every modality, in the dict's order.
+
+    ``deterministic=False``: training mode, the L-TAE dropouts act (needs a ``dropout`` rng);
+    every other layer is deterministic anyway (the reference's rates are 0)."""
     scale = patch_size // 10
     names = mods.modality_keys(inputs)
     b = inputs[names[0]].shape[0]
     dim = self.config.dim
     grids, context, sub = [], None, None
     for name in names:
-      patch_tokens, sub_tokens = self.encode_patches(inputs, name, scale)
+      patch_tokens, sub_tokens = self.encode_patches(inputs, name, scale,
+                                                     deterministic=deterministic)
       if mods.get(name).context_token:
         context = patch_tokens.reshape(b, 1, dim)
         continue
@@ -130,10 +137,11 @@ class AnySatEncoder(nn.Module):
     return self.combiner(x, side, scale, m, context is not None, positions)
 
   def features(self, inputs: dict[str, jax.Array], patch_size: int,
-               dense_modality: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+               dense_modality: str | None = None, *,
+               deterministic: bool = True) -> tuple[jax.Array, jax.Array | None]:
     """Runs the network: (tokens (B, 1 + N, E), tile first; sub-patch tokens (B, N, K, E) of
-    ``dense_modality`` or None)."""
-    emb = self.embed(inputs, patch_size, dense_modality)
+    ``dense_modality`` or None). ``deterministic``: see ``embed``."""
+    emb = self.embed(inputs, patch_size, dense_modality, deterministic=deterministic)
     return self.combine(emb.grids, emb.context, patch_size), emb.sub
 
   def __call__(self, inputs: dict[str, jax.Array], patch_size: int, output: str = "tile",
@@ -173,6 +181,42 @@ class AnySatEncoder(nn.Module):
       outs.append(self.encode_patches(x, name, scale)[0].sum())
     outs.append(self.combine(jnp.zeros((1, 1, 1, self.config.dim)), None, 10 * scale).sum())
     return sum(outs)
+
+
+def grid_validity(inputs: dict[str, jax.Array], patch_size: int,
+                  config: EncoderConfig) -> jax.Array | None:
+  """Which patches hold data: bool (B, M, N) for the M grid (non-MODIS) modalities, in input
+  order (the order of ``Embedding.grids``), or None when no modality has a mask (all valid).
+
+  A time-series patch is valid if any value inside it (any date, channel, pixel) is valid: its
+  date is real (``<mod>_mask`` != 0) and the value is measured (``<mod>_valid`` != 0). Without
+  either mask, and for single-date images, every patch is valid.
+  """
+  scale = patch_size // 10
+  names = [m for m in mods.modality_keys(inputs) if not mods.get(m).context_token]
+  b = inputs[names[0]].shape[0]
+  out, n = [], None
+  for name in names:
+    x = inputs[name]
+    date_mask = inputs.get(name + mods.MASK_SUFFIX)
+    value_mask = inputs.get(name + mods.VALID_SUFFIX)
+    if mods.get(name).projector == "vhr" or (date_mask is None and value_mask is None):
+      out.append(None)
+      continue
+    ok = jnp.ones(x.shape[:2] + x.shape[3:], bool)                       # (B, T, H, W)
+    if value_mask is not None:
+      ok = jnp.any(jnp.broadcast_to(value_mask, x.shape) != 0, axis=2)
+    if date_mask is not None:
+      ok = ok & (date_mask != 0)[:, :, None, None]
+    ok = jnp.any(ok, axis=1)                                              # (B, H, W)
+    s_m = max(1, scale // config.projector(name).reduce_scale)
+    side = ok.shape[1] // s_m
+    ok = ok[:, :side * s_m, :side * s_m].reshape(b, side, s_m, side, s_m)
+    out.append(jnp.any(ok, axis=(2, 4)).reshape(b, side * side))
+    n = side * side
+  if n is None:
+    return None
+  return jnp.stack([jnp.ones((b, n), bool) if v is None else v for v in out], axis=1)
 
 
 def select_output(z: jax.Array, sub: jax.Array | None, output: str,

@@ -10,6 +10,8 @@ weights, the MLP's hidden layer); the residual stream, the outputs of the layers
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -132,3 +134,36 @@ def _cudnn_or_none(q: jax.Array, k: jax.Array, bias: jax.Array | None,
         and width % 8 == 0 and width <= 128
         and (bias is None and mask is None or t % 2 == 0 and s % 2 == 0))
   return "cudnn" if ok else None
+
+
+def chunked_map(module: nn.Module, fn: Callable[..., jax.Array], xs: tuple[jax.Array, ...],
+                rows_per_item: int, chunk_rows: int) -> jax.Array:
+  """``fn(module, *xs)`` over the leading axis of ``xs`` in chunks, each chunk rematerialised.
+
+  ``fn`` must treat the leading-axis items independently (per pixel, per patch). With
+  ``chunk_rows`` > 0 the items are cut into equal chunks of at most ``chunk_rows //
+  rows_per_item`` items (the last chunk padded with zeros, its padding dropped) and looped over
+  with ``nn.scan``; each chunk's activations are recomputed in the backward pass, so memory
+  holds one chunk's activations instead of all of them. The module's parameters are shared
+  by the chunks (its parameter tree does not change); dropout draws differ per chunk.
+  ``chunk_rows`` = 0: one call, no remat.
+  """
+  n = xs[0].shape[0]
+  per_chunk = max(1, chunk_rows // max(1, rows_per_item))
+  if chunk_rows <= 0 or per_chunk >= n:
+    return fn(module, *xs)
+  num = math.ceil(n / per_chunk)
+  size = math.ceil(n / num)
+  pad = num * size - n
+
+  def split(x):
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) if pad else x
+    return x.reshape(num, size, *x.shape[1:])
+
+  def body(mdl, carry, chunk):
+    return carry, fn(mdl, *chunk)
+
+  scan = nn.scan(nn.remat(body), variable_broadcast="params",
+                 split_rngs={"params": False, "dropout": True})
+  _, out = scan(module, None, tuple(split(x) for x in xs))
+  return out.reshape(num * size, *out.shape[2:])[:n]

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from anysat_jax.models import layers, pos_embed
 
@@ -66,20 +67,31 @@ def pe_grid_side(scale: int, subpatch_m: float) -> int:
 
 
 class SpatialEncoder(nn.Module):
-  """Encodes each patch's K sub-patch tokens into one patch token.
+  """Encodes each patch's K sub-patch tokens (width ``dim``) into one patch token.
 
   ``dtype``: matmul dtype (see ``layers``); ``remat``: recompute each block's activations in the
-  backward pass instead of storing them.
+  backward pass instead of storing them; ``chunk_tokens`` > 0: run the patches in chunks of at
+  most that many tokens, each chunk rematerialised as a whole (``layers.chunked_map``; then
+  ``remat`` is implied).
   """
 
+  dim: int
   depth: int
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
   attention_impl: str = "xla"
   remat: bool = False
+  chunk_tokens: int = 0
 
-  @nn.compact
+  def setup(self):
+    block = nn.remat(RPEBlock) if self.remat and not self.chunk_tokens else RPEBlock
+    # A list attribute names its modules block_0, block_1, ...
+    self.block = [block(self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl)
+                  for _ in range(self.depth)]
+    self.norm = layers.layer_norm(1e-5)
+    self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.dim))
+
   def __call__(self, tokens: jax.Array, scale: int,
                subpatch_m: float) -> tuple[jax.Array, jax.Array]:
     """tokens (B*N, K, E) of one modality; returns (patch tokens (B*N, E), sub-tokens (B*N, K, E)).
@@ -91,13 +103,17 @@ class SpatialEncoder(nn.Module):
     if side * side != k:
       raise ValueError(f"spatial encoder: {k} sub-patch tokens per patch but a positional grid "
                        f"of {side}x{side} (patch scale {scale}, sub-patch {subpatch_m} m)")
-    cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, e))
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(tokens.dtype), (bn, 1, e)), tokens], 1)
+    cls = jnp.broadcast_to(self.cls_token.astype(tokens.dtype), (bn, 1, e))
+    x = jnp.concatenate([cls, tokens], 1)
     x = x + jnp.asarray(pos_embed.sincos_grid(e, side, subpatch_m, 1), x.dtype)
-    buckets = jnp.asarray(pos_embed.rpe_buckets(math.isqrt(1 + k), 1))
-    block = nn.remat(RPEBlock) if self.remat else RPEBlock
-    for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
-                name=f"block_{i}")(x, buckets)
-    x = layers.layer_norm(1e-5, "norm")(x)
+    buckets = pos_embed.rpe_buckets(math.isqrt(1 + k), 1)
+    x = layers.chunked_map(self, lambda mdl, x: mdl.blocks(x, buckets), (x,), 1 + k,
+                           self.chunk_tokens)
     return x[:, 0], x[:, 1:]
+
+  def blocks(self, x: jax.Array, buckets: np.ndarray) -> jax.Array:
+    """The blocks and the final LayerNorm on (b, 1 + K, E) token groups."""
+    buckets = jnp.asarray(buckets)
+    for block in self.block:
+      x = block(x, buckets)
+    return self.norm(x)

@@ -74,6 +74,8 @@ class PretrainTask:
     self.contrastive_weight = float(config.loss.contrastive_weight)
     self.tau = float(config.loss.tau)
     self.seed = int(config.seed)
+    # The reference's teacher runs in training mode (L-TAE dropout on); False: eval mode.
+    self.teacher_dropout = bool(config.model.get("teacher_dropout", True))
 
   def init_state(self) -> TrainState:
     """Step 0 (traceable: ``jax.eval_shape`` / ``jax.jit``)."""
@@ -98,13 +100,15 @@ class PretrainTask:
       ``lr``). A non-finite step keeps params and optimiser state (only ``step`` and ``key``
       move on): the loop learns it from ``finite`` when it next fetches the metrics.
     """
-    key, k_time, k_mod = jax.random.split(jax.random.fold_in(state.key, state.step), 3)
+    key, k_time, k_mod, k_drop, k_tdrop = jax.random.split(
+        jax.random.fold_in(state.key, state.step), 5)
     teacher = optim.teacher_params(state.opt_state)
     ctx_idx = masks["ctx_idx"]
     tgt_idx, tgt_valid = (masks[k].transpose(1, 0, 2) for k in ("tgt_idx", "tgt_valid"))
 
     z_teacher, _ = self.teacher.apply({"params": teacher}, batch, patch_size,
-                                      method=AnySatEncoder.features)
+                                      method=AnySatEncoder.features, rngs={"dropout": k_tdrop},
+                                      deterministic=not self.teacher_dropout)
     target = losses.target_tokens(z_teacher[:, 1:], tgt_idx)
     student_in = masking.apply_temporal_mask(
         batch, masking.sample_temporal_masks(k_time, batch, self.mask_cfg.temporal_keep))
@@ -114,9 +118,10 @@ class PretrainTask:
 
     def loss_fn(params):
       out = self.student.apply({"params": params}, student_in, patch_size, ctx_idx, tgt_idx,
-                               tgt_valid, visible)
+                               tgt_valid, visible, deterministic=False,
+                               rngs={"dropout": k_drop})
       jepa = losses.jepa_loss(out.pred, target, tgt_valid, kind=self.jepa_kind)
-      con = losses.contrastive_loss(out.tokens, tau=self.tau)
+      con = losses.contrastive_loss(out.tokens, out.valid, tau=self.tau)
       return jepa + self.contrastive_weight * con, (jepa, con)
 
     (loss, (jepa, con)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

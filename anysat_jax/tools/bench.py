@@ -2,6 +2,11 @@
 peak memory for the reference scenarios.
 
   python -m anysat_jax.bench [--scenarios NAME,...] [--repeats 5]
+  python -m anysat_jax.bench --compiled [--buckets flair:10,...] [--config configs/geoplex.py]
+
+``--compiled`` compiles (does not run) the pretraining step of every GeoPlex bucket at its
+per-device batch in the config's settings and prints XLA's temporary memory and FLOPs of each
+(``anysat_jax.tools.compiled_bench``): numbers that do not depend on machine noise.
 
 Each scenario runs in its own subprocess so that its peak resident memory is its own. Runs on
 the default JAX backend (a GPU when one is present). Random weights and inputs: speed does not
@@ -38,8 +43,8 @@ SCENARIOS = {
                                                    "s1-asc": (10, 2, 6), "s2": (10, 10, 6)},
                                    "train step"),
 }
-CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "geoplex.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_FILE = os.path.join(REPO, "configs", "geoplex.py")
 
 
 def make_batch(batch: int, spec: dict, seed: int = 0) -> dict[str, np.ndarray]:
@@ -106,8 +111,8 @@ def _time_train_step(name: str, size: str, batch: int, patch: int, inputs: dict,
   spec.loader.exec_module(module)
   config = module.get_config("demo" if size == "tiny" else None)
   config.model.size = size
+  config.model.overrides = {}           # float32, no remat: the CPU row
   if size == "tiny":
-    config.model.overrides = {}
     config.model.predictor = dict(dim=256, depth=2, num_heads=4)
   state = jax.jit(lambda: train.init_state(config))()
   side = round(inputs["s2"].shape[-1] * 10 / patch)
@@ -140,7 +145,19 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--scenarios", default=",".join(SCENARIOS))
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--one", help=argparse.SUPPRESS)        # internal: run one in-process
+  parser.add_argument("--compiled", action="store_true",
+                      help="compile the train step of every bucket; print temp memory, FLOPs")
+  parser.add_argument("--config", default=CONFIG_FILE + ":",
+                      help="--compiled: config file[:variant] (default: configs/geoplex.py)")
+  parser.add_argument("--buckets", default="",
+                      help="--compiled: only these dataset:patch buckets, comma-separated")
   args = parser.parse_args(argv)
+  if args.compiled:
+    from anysat_jax.tools import compiled_bench
+    path, _, variant = args.config.partition(":")
+    config = compiled_bench.load_config(path, variant or None)
+    only = [b for b in args.buckets.split(",") if b]
+    return compiled_bench.report(config, only)
   if args.one:
     print(json.dumps(run_scenario(args.one, args.repeats)))
     return 0

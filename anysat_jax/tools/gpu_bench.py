@@ -34,8 +34,8 @@ from anysat_jax.tasks import pretrain as train
 from input_pipeline import loader
 from input_pipeline.datasets import registry
 
-CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs", "geoplex.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_FILE = os.path.join(REPO, "configs", "geoplex.py")
 # Dense bf16 peak TFLOP/s by device kind (first match wins).
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 SMOKE_DATASETS = ("flair",)
