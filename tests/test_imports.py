@@ -17,11 +17,6 @@ DEVICE_LIBS = ("jax", "jaxlib", "flax", "optax", "orbax", "clu", "tensorflow", "
 PENDING_LOCAL_IMPORTS = {
     ("anysat_jax.main", "anysat_jax.trainers.finetune"),
     ("anysat_jax.main", "anysat_jax.trainers.pretrain"),
-    ("anysat_jax.models.validation", "anysat_jax.models.encoder"),
-    ("anysat_jax.tools.bench", "anysat_jax"),
-    ("anysat_jax.tools.bench", "anysat_jax.checkpoints.convert"),
-    ("anysat_jax.tools.bench", "anysat_jax.models.config"),
-    ("anysat_jax.tools.bench", "anysat_jax.tasks.pretrain"),
 }
 PENDING_LAYERS = {(f"configs.{name}", "anysat_jax.trainers.finetune") for name in (
     "bradd_change", "flair_semseg", "pastis_cls", "pastis_semseg", "planted_cls",

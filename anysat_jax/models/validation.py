@@ -15,6 +15,7 @@ import numpy as np
 
 from anysat_jax.core import modalities as mods
 from anysat_jax.models.config import EncoderConfig
+from anysat_jax.models.encoder import OUTPUTS
 from anysat_jax.models.spatial_encoder import pe_grid_side
 
 MAX_DAY = 366
@@ -73,8 +74,6 @@ def validate_inputs(inputs: Mapping[str, Any], patch_size: Any, config: EncoderC
   NaN/Inf data values (``"mask"`` leaves them to the caller, which folds them into
   ``<mod>_valid``).
   """
-  from anysat_jax.models.encoder import OUTPUTS
-
   if output not in OUTPUTS:
     raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
   if nonfinite not in NONFINITE:

@@ -26,6 +26,12 @@ import time
 
 import numpy as np
 
+from anysat_jax import AnySat
+from anysat_jax.checkpoints import convert
+from anysat_jax.models.config import encoder_config
+from anysat_jax.tasks import pretrain as train
+from anysat_jax.tools import compiled_bench
+
 # name -> (size, batch, patch size m, inputs {modality: (T or None, channels, pixels)}, mode)
 SCENARIOS = {
     "base_treesat_b8": ("base", 8, 20, {"aerial": (None, 4, 300), "s1-asc": (10, 2, 6),
@@ -63,9 +69,6 @@ def run_scenario(name: str, repeats: int) -> dict:
   """Times one scenario in this process."""
   import jax
 
-  from anysat_jax import AnySat
-  from anysat_jax.checkpoints import convert
-  from anysat_jax.models.config import encoder_config
   size, batch, patch, spec, mode = SCENARIOS[name]
   config = encoder_config(size)
   # Weights as a checkpoint would bring them: host arrays moved to the device one at a time.
@@ -105,7 +108,6 @@ def _time_train_step(name: str, size: str, batch: int, patch: int, inputs: dict,
 
   import jax
 
-  from anysat_jax.tasks import pretrain as train
   spec = importlib.util.spec_from_file_location("geoplex_config", CONFIG_FILE)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -153,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
                       help="--compiled: only these dataset:patch buckets, comma-separated")
   args = parser.parse_args(argv)
   if args.compiled:
-    from anysat_jax.tools import compiled_bench
     path, _, variant = args.config.partition(":")
     config = compiled_bench.load_config(path, variant or None)
     only = [b for b in args.buckets.split(",") if b]

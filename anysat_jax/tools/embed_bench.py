@@ -25,6 +25,8 @@ import time
 import numpy as np
 import tifffile
 
+from anysat_jax.inference import embed_cli
+from anysat_jax.inference.api import AnySat
 from anysat_jax.io import geotiff
 
 OUTPUTS = ("tile", "patch", "dense", "cog")
@@ -53,8 +55,6 @@ def make_scene(path: str, px: int, dates: int, seed: int = 0) -> None:
 
 def _child(args: argparse.Namespace) -> int:
   """Embeds one scene (in the subprocess whose memory is measured)."""
-  from anysat_jax.inference import embed_cli
-  from anysat_jax.inference.api import AnySat
 
   argv = ["--input", f"s2={args.scene_path}", "--dates",
           "s2=" + ",".join(str(15 + 30 * i) for i in range(args.dates)),
