@@ -59,11 +59,14 @@ def _eta(seconds: float) -> str:
 
 
 def start_line(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> str:
-  """``start: mesh {...} over D devices, P processes; N steps; datasets: name (patches m), ...``"""
-  ds = ", ".join(f"{n} ({'/'.join(map(str, d.patch_sizes))} m)"
-                 for n, d in config.data.datasets.items())
+  """``start: mesh {...} over D devices, P processes; N steps; datasets: name (patches m), ...;
+  B buckets`` (a bucket: a (dataset, patch size) pair, one compiled step each)."""
+  datasets = config.data.datasets
+  ds = ", ".join(f"{n} ({'/'.join(map(str, d.patch_sizes))} m)" for n, d in datasets.items())
+  buckets = sum(len(d.patch_sizes) for d in datasets.values())
   return (f"start: mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
-          f"{jax.process_count()} processes; {config.total_steps} steps; datasets: {ds}")
+          f"{jax.process_count()} processes; {config.total_steps} steps; datasets: {ds}; "
+          f"{buckets} buckets")
 
 
 def progress_line(step: int, total: int, scalars: dict[str, float], rate: float) -> str:
