@@ -311,12 +311,12 @@ def _run_steps(config, data, rng):
     return jnp.asarray(np.abs(n) if positive else np.asarray(x) + n)
 
   s0 = jax.jit(functools.partial(train.init_state, config))()
-  adam, ema = s0.opt_state
+  adam, plateau, ema = s0.opt_state
   adam = adam._replace(count=jax.tree.map(lambda c: c + 3, adam.count),
                        mu=jax.tree.map(noise, adam.mu),
                        nu=jax.tree.map(functools.partial(noise, positive=True), adam.nu))
   ema = ema._replace(teacher=jax.tree.map(noise, ema.teacher))
-  s0 = s0.replace(opt_state=(adam, ema))
+  s0 = s0.replace(opt_state=(adam, plateau, ema))
   step_fn = jax.jit(functools.partial(train.PretrainTask(config).train_step, patch_size=30))
   state, states, batches, metrics = s0, [tl.host(s0)], [], []
   for i in range(4):
@@ -353,7 +353,7 @@ def test_unused_projectors_untouched(steps):
     assert mods.get(m).param_name in unused_projectors
   used = _by_path(train.used_tree(before.params, tuple(batch)))
   p0, p1 = _by_path(before.params), _by_path(after.params)
-  (a0, e0), (a1, e1) = before.opt_state, after.opt_state
+  (a0, _, e0), (a1, _, e1) = before.opt_state, after.opt_state
   mu0, mu1, nu0, nu1 = (_by_path(x) for x in (a0.mu, a1.mu, a0.nu, a1.nu))
   c0, c1 = _by_path(a0.count), _by_path(a1.count)
   t0, t1 = _by_path(e0.teacher), _by_path(e1.teacher)
@@ -397,7 +397,7 @@ def test_ema_schedule_and_teacher_recursion(steps):
       t = mi * t + (1 - mi) * p
     got = _by_path(optim.teacher_params(states[3].opt_state))[leaf]
     np.testing.assert_allclose(got, t, rtol=1e-5, atol=1e-7, err_msg=leaf)
-  assert int(states[3].opt_state[1].count) == 3
+  assert int(states[3].opt_state[2].count) == 3
 
 
 def test_nonfinite_step_skipped(steps):
