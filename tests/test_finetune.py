@@ -242,7 +242,7 @@ def test_finetune_semantic_segmentation_pastis_overfits(data_dir, tmp_path):
   out = _run(c, tmp_path)
   _check_overfit(tmp_path, out, "mIoU", 0.9, 0.1, split="val")
   val = out["evals"]["val"]
-  assert val["acc"] > 95 and val["IoU_per_class"][19] is None        # void dropped
+  assert val["acc"] > 0.95 and val["IoU_per_class"][19] is None        # void dropped
   assert np.asarray(val["confusion"]).shape == (20, 20)
   assert np.asarray(val["confusion"]).sum() == 2 * 32 * 32
   panels = sorted((tmp_path / "figures").glob("val_tile*.png"))
