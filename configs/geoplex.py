@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import GEOPLEX, TINY, add_run_settings
+from configs.common import GEOPLEX, TINY, add_run_settings, default_dataset_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -47,11 +47,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    context_scale=(0.85, 1.0), context_fraction=0.15, modality_ratio=0.5,
                    temporal_keep=0.5)
   c.loss = dict(jepa="smooth_l1", contrastive_weight=1.0, tau=0.1)
+  # The learning rate x plateau_factor once more than plateau_patience evaluations of the
+  # validation loss (every eval_every steps) did not improve (official: ReduceLROnPlateau on
+  # val/loss, factor 0.1, patience 10 epochs).
   c.optim = dict(lr=5e-5, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, schedule="constant",
-                 warmup_steps=0)
+                 warmup_steps=0, plateau_factor=0.1, plateau_patience=10)
   c.ema = dict(start=0.996, end=1.0)
 
   add_run_settings(c, datasets=GEOPLEX, checkpoint_keep=3)
+  # Every eval_every steps (one official epoch): the validation loss (drives the plateau
+  # schedule) and k-NN monitors of the EMA teacher's tile features (trainers/pretrain_evals.py).
+  c.eval_every = 2244
+  c.evals = dict(
+      val=dict(type="pretrain_loss", split="val", batch_size=8, max_batches=4),
+      knn_treesatai=_knn("treesatai_ts", ("s2", "s1-asc"), patch=20),
+      knn_pastis=_knn("pastis_hd_cls", ("s2", "s1"), patch=40))
   c.data.shard_by_process = True
   # Official epochs (spec A.3): weighted draws among the datasets not yet used up in the epoch;
   # an epoch is one tenth of S2NAIP-Urban in its batches. Batch sizes: the paper's per device.
@@ -66,6 +76,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif arg:
     raise ValueError(f"unknown variant {arg!r} (known: demo)")
   return c
+
+
+def _knn(dataset: str, modalities: tuple[str, ...], patch: int, max_examples: int = 256,
+         batch_size: int = 16) -> dict:
+  """A k-NN monitor (k=20, cosine) of a labelled dataset's train and val examples; set its
+  ``manual_dir`` to the downloaded dataset (unset: the shipped sample)."""
+  d = default_dataset_config(dataset)
+  d.modalities, d.patch_sizes, d.crop = modalities, (patch,), {}
+  return dict(type="knn", dataset=dataset, data=d, k=20, max_examples=max_examples,
+              batch_size=batch_size, manual_dir=ml_collections.config_dict.placeholder(str))
 
 
 def _demo(c: ml_collections.ConfigDict) -> None:
@@ -96,3 +116,9 @@ def _demo(c: ml_collections.ConfigDict) -> None:
   # The shipped FLAIR Sentinel-2 sample is a 32 px synthetic stand-in that does not cover the
   # aerial extent; the demo uses the real 512 px aerial patches alone.
   c.data.datasets.flair.modalities = ("aerial-flair",)
+  # Evaluations at steps 30 and 60; the TreeSatAI sample has no val tile: PASTIS alone.
+  c.eval_every = 30
+  c.evals.val.batch_size, c.evals.val.max_batches = 2, 1
+  del c.evals["knn_treesatai"]
+  c.evals.knn_pastis.data.patch_sizes = (80,)
+  c.evals.knn_pastis.batch_size = 4

@@ -287,19 +287,19 @@ def test_segmentation_iou_pastis_convention():
   # Pairs (t, p): (0,0) (0,1) (1,1) (1,1) (2,2) (3,2) (1,3) (0,0).
   # Last class dropped: (3,2) and (1,3) vanish; M[0,0]=2, M[0,1]=1, M[1,1]=2, M[2,2]=1.
   # IoU: c0 2/(2+0+1) = 2/3; c1 2/(2+1+0) = 2/3; c2 1; c3 0/0 = NaN.
-  # mIoU = (2/3 + 2/3 + 1) / 3 = 7/9 = 0.777778; acc = 5/6 * 100 = 83.3333.
+  # mIoU = (2/3 + 2/3 + 1) / 3 = 7/9 = 0.777778; acc = 5/6 = 0.833333.
   out = _run(metrics.segmentation_iou(4, drop_last_class=True), batch)
   np.testing.assert_allclose(out["IoU_per_class"], [2 / 3, 2 / 3, 1, np.nan])
   np.testing.assert_allclose(out["mIoU"], 7 / 9)
-  np.testing.assert_allclose(out["acc"], 500 / 6)
+  np.testing.assert_allclose(out["acc"], 5 / 6)
   assert out["confusion"][3, 2] == 1 and out["confusion"].sum() == 8
   # Ignoring label 3 instead keeps the pixel predicted as 3 (an FP of class 3):
   # c1: TP 2, FP 1, FN 1 -> 0.5; c3: 0/(0+1+0) = 0; mIoU = (2/3 + 0.5 + 1 + 0) / 4 = 0.541667;
-  # acc = 5/7 * 100 = 71.4286.
+  # acc = 5/7 = 0.714286.
   out = _run(metrics.segmentation_iou(4, drop_last_class=False, ignore_index=3), batch)
   np.testing.assert_allclose(out["IoU_per_class"], [2 / 3, 0.5, 1, 0])
   np.testing.assert_allclose(out["mIoU"], (2 / 3 + 1.5) / 4)
-  np.testing.assert_allclose(out["acc"], 500 / 7)
+  np.testing.assert_allclose(out["acc"], 5 / 7)
 
 
 def test_change_iou_is_dataset_level():

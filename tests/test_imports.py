@@ -12,17 +12,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("anysat_jax", "input_pipeline", "configs")
 DEVICE_LIBS = ("jax", "jaxlib", "flax", "optax", "orbax", "clu", "tensorflow", "torch")
 
-# Violations in modules being reworked elsewhere, each checked to still exist: fixing one fails
-# this test until its entry is removed, so the list can only shrink.
-PENDING_LOCAL_IMPORTS = {
-    ("anysat_jax.main", "anysat_jax.trainers.finetune"),
-    ("anysat_jax.main", "anysat_jax.trainers.pretrain"),
-}
-PENDING_LAYERS = {(f"configs.{name}", "anysat_jax.trainers.finetune") for name in (
-    "bradd_change", "flair_semseg", "pastis_cls", "pastis_semseg", "planted_cls",
-    "sen1floods11_semseg", "sickle_semseg", "timesen2crop_cls", "treesatai_ts_cls")}
-
-
 def _modules() -> dict[str, pathlib.Path]:
   """Dotted name → file of every module of the project's packages."""
   out = {}
@@ -120,8 +109,7 @@ def test_no_import_cycles():
 
 def test_no_function_local_project_imports():
   found = {(m, n) for m, (_, local) in IMPORTS.items() for n in local if _project(n)}
-  assert found - PENDING_LOCAL_IMPORTS == set(), "function-local project imports"
-  assert PENDING_LOCAL_IMPORTS - found == set(), "fixed: remove from PENDING_LOCAL_IMPORTS"
+  assert found == set(), "function-local project imports"
 
 
 def _allowed(module: str, name: str) -> bool:
@@ -145,8 +133,7 @@ def _allowed(module: str, name: str) -> bool:
 
 def test_layers_import_only_downwards():
   found = {(m, n) for m, (top, _) in IMPORTS.items() for n in top if not _allowed(m, n)}
-  assert found - PENDING_LAYERS == set(), "imports against the layering"
-  assert PENDING_LAYERS - found == set(), "fixed: remove from PENDING_LAYERS"
+  assert found == set(), "imports against the layering"
   assert not _allowed("input_pipeline.loader", "jax")
   assert not _allowed("anysat_jax.core.dates", "anysat_jax.models.encoder")
   assert _allowed("anysat_jax.tasks.pretrain", "input_pipeline.loader")

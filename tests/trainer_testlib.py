@@ -50,15 +50,17 @@ def _geoplex() -> Any:
 def trimmed_config(variant: str, data_dir: str) -> ml_collections.ConfigDict:
   """The demo config, trimmed for tests.
 
-  ``base``: PLANTED alone (s2 + s1, 4 dates each, batch 8, patch 30 m), 8 steps, a checkpoint
-  every 4 steps, the loss logged every step. ``compiles-<seed>``: the same plus TreeSatAI-TS
-  (s2 + s1-asc, batch 2), both datasets at two patch sizes (``COMPILE_PATCHES``) with equal
-  weights, and ``<seed>`` as the data seed (the mixture's draws) while the model keeps the
-  base seed (so that its compiled programs are the base config's where they can be).
+  ``base``: no evaluations, PLANTED alone (s2 + s1, 4 dates each, batch 8, patch 30 m),
+  8 steps, a checkpoint every 4 steps, the loss logged every step. ``compiles-<seed>``: the
+  same plus TreeSatAI-TS (s2 + s1-asc, batch 2), both datasets at two patch sizes
+  (``COMPILE_PATCHES``) with equal weights, and ``<seed>`` as the data seed (the mixture's
+  draws) while the model keeps the base seed (so that its compiled programs are the base
+  config's where they can be). ``evals``: ``base`` with the demo's evaluations (validation
+  loss, k-NN) every 4 steps.
   """
   c = _geoplex().get_config("demo")
   variant, _, data_seed = variant.partition("-")
-  if variant not in ("base", "compiles"):
+  if variant not in ("base", "compiles", "evals"):
     raise ValueError(f"unknown test config variant {variant!r}")
   keep = ("planted", "treesatai_ts") if variant == "compiles" else ("planted",)
   for name in list(c.data.datasets):
@@ -79,6 +81,14 @@ def trimmed_config(variant: str, data_dir: str) -> ml_collections.ConfigDict:
   p.modalities = ("s2", "s1")
   p.buckets = {"s2": 4, "s1": 4}
   p.batch_size = 8
+  if variant == "evals":
+    # The validation loss of PLANTED (its 2 val examples) and the k-NN monitor of PASTIS
+    # (prepared by the test module), after steps 4 and 8.
+    c.eval_every = 4
+    c.evals.val.batch_size = 2
+    c.evals.knn_pastis.max_examples = 4
+  else:
+    c.evals = {}
   if variant == "compiles":
     t = c.data.datasets.treesatai_ts
     t.modalities = ("s2", "s1-asc")
@@ -188,6 +198,9 @@ class Proc:
   def stderr_text(self) -> str:
     return self.err_path.read_text(errors="replace")
 
+  def stdout_text(self) -> str:
+    return self.out_path.read_text(errors="replace")
+
   def _reap(self, block: bool) -> bool:
     """Waits for the process with ``os.wait4`` (to get its CPU time); True once it ended."""
     if self.popen.returncode is not None:
@@ -279,7 +292,7 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-_SCALARS = re.compile(r"\] \[(\d+)\] (.*)$", re.M)
+_PROGRESS = re.compile(r"^step (\d+)/\d+ (.*?) \|", re.M)
 
 
 def read_summary(workdir: str | os.PathLike) -> dict | None:
@@ -302,16 +315,10 @@ def compiles(run: Run) -> tuple[int, int]:
   return run.summary["num_compiles"], run.summary["num_buckets"]
 
 
-def logged_scalars(err: str) -> dict[int, dict[str, float]]:
-  """The scalars the trainer logs (clu's logging writer, on stderr): {step: {name: value}}."""
-  out: dict[int, dict[str, float]] = {}
-  for step, body in _SCALARS.findall(err):
-    values = dict(kv.split("=", 1) for kv in body.split(", ") if "=" in kv)
-    try:
-      out.setdefault(int(step), {}).update({k: float(v) for k, v in values.items()})
-    except ValueError:
-      continue
-  return out
+def logged_scalars(out: str) -> dict[int, dict[str, float]]:
+  """The scalars of the trainer's progress lines (stdout): {step: {name: value}}."""
+  return {int(step): {k: float(v) for k, v in (kv.split("=", 1) for kv in body.split())}
+          for step, body in _PROGRESS.findall(out)}
 
 
 def host(tree: Any) -> Any:

@@ -184,7 +184,8 @@ def segmentation_iou(num_classes: int, drop_last_class: bool = True,
   """``IoU`` (PASTIS, FLAIR): confusion matrix over labelled pixels; with ``drop_last_class``
   (the reference's ``ignore_index=-1`` as a Python index) the last class's row and column are
   zeroed, so its pixels and every prediction of it vanish. Per-class IoU with 0/0 -> NaN
-  (always NaN for a dropped class); ``mIoU`` = nan-mean in [0, 1]; ``acc`` = trace / total in %.
+  (always NaN for a dropped class); ``mIoU`` = nan-mean in [0, 1]; ``acc`` = trace / total in
+  [0, 1].
   Keys: mIoU, acc, IoU_per_class, confusion (the int64 (K, K) matrix, before dropping).
   """
   def summarize(m: np.ndarray) -> dict[str, Any]:
@@ -194,7 +195,7 @@ def segmentation_iou(num_classes: int, drop_last_class: bool = True,
       m[-1, :] = 0
       m[:, -1] = 0
     iou = iou_per_class(m)
-    return {"mIoU": _nanmean(iou), "acc": float(_divide(np.trace(m), m.sum(), np.nan)) * 100,
+    return {"mIoU": _nanmean(iou), "acc": float(_divide(np.trace(m), m.sum(), np.nan)),
             "IoU_per_class": iou, "confusion": full}
 
   return _confusion_metric("IoU", num_classes, "mIoU", summarize, ignore_index)

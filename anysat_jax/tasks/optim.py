@@ -160,12 +160,53 @@ def adamw_skip_unused(learning_rate: float | optax.Schedule, b1: float = 0.9, b2
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def plateau_scaling(factor: float, patience: int) -> optax.GradientTransformationExtraArgs:
+  """Multiplies the updates by the ``scale`` of an ``optax.contrib.ReduceLROnPlateauState``
+  kept in the optimiser state. The state moves only through ``plateau_update`` (fed a
+  validation loss, not every step): torch's ReduceLROnPlateau semantics, x ``factor`` once
+  more than ``patience`` evaluations did not improve (relative threshold 1e-4)."""
+  inner = _plateau(factor, patience)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    return jax.tree.map(lambda u: (state.scale * u).astype(u.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def _plateau(factor: float, patience: int) -> optax.GradientTransformationExtraArgs:
+  # torch reduces once more than `patience` evaluations did not improve, optax at `patience`.
+  return optax.contrib.reduce_on_plateau(factor=factor, patience=patience + 1)
+
+
+def plateau_update(opt_state: Any, value: float | jax.Array, factor: float,
+                   patience: int) -> Any:
+  """``opt_state`` with its (single) plateau state advanced by one evaluation of ``value``
+  (the validation loss); ``schedules.plateau_scale`` reads the resulting factor."""
+  plateau = optax.contrib.ReduceLROnPlateauState
+  inner = _plateau(factor, patience)
+  found = []
+
+  def step(s):
+    if not isinstance(s, plateau):
+      return s
+    found.append(s)
+    return inner.update({}, s, value=jnp.asarray(value, jnp.float32))[1]
+
+  out = jax.tree.map(step, opt_state, is_leaf=lambda s: isinstance(s, plateau))
+  if len(found) != 1:
+    raise ValueError(f"expected one plateau state in the optimiser state, found {len(found)}")
+  return out
+
+
 def pretrain_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-  """AdamW skipping unused parameters, then the EMA teacher of ``params["encoder"]``;
-  ``update(..., params, used=...)``."""
+  """AdamW skipping unused parameters, its updates scaled by the validation-loss plateau
+  (``plateau_scaling``: ``optim.plateau_factor``, ``optim.plateau_patience``), then the EMA
+  teacher of ``params["encoder"]``; ``update(..., params, used=...)``."""
   o = config.optim
   return optax.chain(
       adamw_skip_unused(schedules.pretrain_lr(config), o.b1, o.b2, o.eps, o.weight_decay),
+      plateau_scaling(o.plateau_factor, o.plateau_patience),
       ema_teacher(ema_momentum_schedule(config.total_steps, config.ema.start, config.ema.end),
                   select="encoder"))
 

@@ -132,8 +132,36 @@ class PretrainTask:
     params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
                                      (params, opt_state), (state.params, state.opt_state))
     new = TrainState(state.step + 1, params, opt_state, key)
-    metrics = dict(loss=loss, jepa=jepa, contrastive=con, finite=finite, lr=self.lr(state.step))
+    metrics = dict(loss=loss, jepa=jepa, contrastive=con, finite=finite,
+                   lr=self.lr(state.step) * schedules.plateau_scale(state.opt_state))
     return new, metrics
+
+  def val_loss(self, params: tuple[Any, Any], batch: dict[str, jax.Array],
+               masks: dict[str, jax.Array], *, patch_size: int) -> tuple[jax.Array, dict]:
+    """The pretraining loss in evaluation mode (no dropout), a deterministic function of its
+    inputs: the ``loss_fn`` of ``evaluators.pretrain_loss``.
+
+    params: (student params, EMA teacher params). masks: ``ctx_idx``, ``tgt_idx``,
+    ``tgt_valid`` (batch first) and ``seed`` int32 (), the only source of the temporal and
+    modality masks. Returns the total loss and ``{"jepa", "contrastive"}``.
+    """
+    student, teacher = params
+    k_time, k_mod = jax.random.split(jax.random.key(masks["seed"]))
+    ctx_idx = masks["ctx_idx"]
+    tgt_idx, tgt_valid = (masks[k].transpose(1, 0, 2) for k in ("tgt_idx", "tgt_valid"))
+    z_teacher, _ = self.teacher.apply({"params": teacher}, batch, patch_size,
+                                      method=AnySatEncoder.features)
+    target = losses.target_tokens(z_teacher[:, 1:], tgt_idx)
+    student_in = masking.apply_temporal_mask(
+        batch, masking.sample_temporal_masks(k_time, batch, self.mask_cfg.temporal_keep))
+    num_grid = sum(not mods.get(m).context_token for m in mods.modality_keys(batch))
+    b, k_ctx = ctx_idx.shape
+    visible = masking.modality_mask(k_mod, num_grid, k_ctx, b, self.mask_cfg.modality_ratio)
+    out = self.student.apply({"params": student}, student_in, patch_size, ctx_idx, tgt_idx,
+                             tgt_valid, visible)
+    jepa = losses.jepa_loss(out.pred, target, tgt_valid, kind=self.jepa_kind)
+    con = losses.contrastive_loss(out.tokens, tau=self.tau)
+    return jepa + self.contrastive_weight * con, {"jepa": jepa, "contrastive": con}
 
   def jit_step(self, state_sharding: Any, on_trace: Callable[[int], None]) -> Callable:
     """``train_step`` jit-compiled once per (batch signature, patch size), the state donated

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import periodic_actions
 
 from anysat_jax import sharding
 from anysat_jax.checkpoints import manager as ckpt
@@ -37,7 +37,7 @@ from anysat_jax.evaluators.classification import scalars
 from anysat_jax.models.validation import validate_inputs
 from anysat_jax.tasks import schedules
 from anysat_jax.tasks.finetune import FinetuneTask
-from anysat_jax.trainers.loop import Loop, write_json
+from anysat_jax.trainers.loop import Loop, make_writer, write_json
 from input_pipeline import builders, loader, naming, prepare
 
 
@@ -65,7 +65,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop: dict[str, bool]) 
   evals = registry.build(config, task, bsharding, enc_cfg)
   monitor = evals[config.eval.monitor]
   loop = Loop(config, workdir, stop, steps.total, mesh)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = make_writer(workdir)
   logging.info("%s (%s, %s): %d steps, %d per epoch, eval every %d", config.experiment, name,
                config.train_mode, steps.total, steps.per_epoch, steps.eval_every)
 

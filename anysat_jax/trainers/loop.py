@@ -16,12 +16,14 @@ and places the next batch while the device runs the current one. ``finish`` prin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any, Protocol
 
 import jax
@@ -29,12 +31,36 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from anysat_jax import sharding
 from anysat_jax.checkpoints import manager as ckpt
 from anysat_jax.tasks import optim
 from anysat_jax.tasks.state import TrainState
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+  """Swallows what libraries print to stdout / stderr meanwhile (TFDS's dataset preparation
+  notices and progress bars) unless absl's verbosity is INFO or more; log records still show
+  (absl's handler keeps its own stream)."""
+  if logging.get_verbosity() >= logging.INFO:
+    yield
+    return
+  with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    yield
+
+
+def make_writer(workdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard scalars in ``workdir`` (process 0), asynchronous; also to the log when absl's
+  verbosity is INFO or more (the console of ``anysat_jax.main`` logs only at --verbosity=1)."""
+  verbose = logging.get_verbosity() >= logging.INFO
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([metric_writers.LoggingWriter()] if verbose else [])
+  if verbose:
+    return metric_writers.create_default_writer(workdir)
+  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -184,6 +210,7 @@ class Loop:
     if stop or save or self.save_due(step):
       self.flush()
       self.save(step, state)
+      print(f"checkpoint: step {step}", flush=True)
     if stop:
       self.manager.wait_until_finished()
       print(f"stopped by signal at step {step}; checkpoint saved", flush=True)
