@@ -94,7 +94,7 @@ def test_dense_panels_pick_the_documented_date():
   assert segmentation.SegmentationEvaluator.date_index == 0
   assert change_detection.ChangeDetectionEvaluator.date_index == -1
   assert segmentation.rgb_bands("s2") == (2, 1, 0)          # B4, B3, B2
-  assert segmentation.rgb_bands("aerial") == (0, 1, 2)      # R, G, B
+  assert segmentation.rgb_bands("aerial") == (3, 1, 2)      # NIR, G, B, R: R, G, B
   assert segmentation.rgb_bands("s1") == (0, 1, 2)          # false colour: VV, VH, VV/VH
 
 
