@@ -103,25 +103,15 @@ class PretrainTask:
     key, k_time, k_mod, k_drop, k_tdrop = jax.random.split(
         jax.random.fold_in(state.key, state.step), 5)
     teacher = optim.teacher_params(state.opt_state)
-    ctx_idx = masks["ctx_idx"]
-    tgt_idx, tgt_valid = (masks[k].transpose(1, 0, 2) for k in ("tgt_idx", "tgt_valid"))
-
     z_teacher, _ = self.teacher.apply({"params": teacher}, batch, patch_size,
                                       method=AnySatEncoder.features, rngs={"dropout": k_tdrop},
                                       deterministic=not self.teacher_dropout)
-    target = losses.target_tokens(z_teacher[:, 1:], tgt_idx)
-    student_in = masking.apply_temporal_mask(
-        batch, masking.sample_temporal_masks(k_time, batch, self.mask_cfg.temporal_keep))
-    num_grid = sum(not mods.get(m).context_token for m in mods.modality_keys(batch))
-    b, k_ctx = ctx_idx.shape
-    visible = masking.modality_mask(k_mod, num_grid, k_ctx, b, self.mask_cfg.modality_ratio)
+    student_in, mask_args = self._student_args(batch, masks, k_time, k_mod)
 
     def loss_fn(params):
-      out = self.student.apply({"params": params}, student_in, patch_size, ctx_idx, tgt_idx,
-                               tgt_valid, visible, deterministic=False,
-                               rngs={"dropout": k_drop})
-      jepa = losses.jepa_loss(out.pred, target, tgt_valid, kind=self.jepa_kind)
-      con = losses.contrastive_loss(out.tokens, out.valid, tau=self.tau)
+      out = self.student.apply({"params": params}, student_in, patch_size, *mask_args,
+                               deterministic=False, rngs={"dropout": k_drop})
+      jepa, con = self._losses(out, z_teacher, masks)
       return jepa + self.contrastive_weight * con, (jepa, con)
 
     (loss, (jepa, con)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -147,21 +137,35 @@ class PretrainTask:
     """
     student, teacher = params
     k_time, k_mod = jax.random.split(jax.random.key(masks["seed"]))
-    ctx_idx = masks["ctx_idx"]
-    tgt_idx, tgt_valid = (masks[k].transpose(1, 0, 2) for k in ("tgt_idx", "tgt_valid"))
     z_teacher, _ = self.teacher.apply({"params": teacher}, batch, patch_size,
                                       method=AnySatEncoder.features)
-    target = losses.target_tokens(z_teacher[:, 1:], tgt_idx)
+    student_in, mask_args = self._student_args(batch, masks, k_time, k_mod)
+    out = self.student.apply({"params": student}, student_in, patch_size, *mask_args)
+    jepa, con = self._losses(out, z_teacher, masks)
+    return jepa + self.contrastive_weight * con, {"jepa": jepa, "contrastive": con}
+
+  def _student_args(self, batch: dict[str, jax.Array], masks: dict[str, jax.Array],
+                    k_time: jax.Array, k_mod: jax.Array) -> tuple[dict[str, jax.Array], tuple]:
+    """The student's inputs: the temporally masked batch, and the arguments after
+    ``patch_size``: ``ctx_idx``, ``tgt_idx`` / ``tgt_valid`` (target-major), the modality mask
+    of the context tokens."""
+    ctx_idx = masks["ctx_idx"]
+    tgt_idx, tgt_valid = (masks[k].transpose(1, 0, 2) for k in ("tgt_idx", "tgt_valid"))
     student_in = masking.apply_temporal_mask(
         batch, masking.sample_temporal_masks(k_time, batch, self.mask_cfg.temporal_keep))
     num_grid = sum(not mods.get(m).context_token for m in mods.modality_keys(batch))
     b, k_ctx = ctx_idx.shape
     visible = masking.modality_mask(k_mod, num_grid, k_ctx, b, self.mask_cfg.modality_ratio)
-    out = self.student.apply({"params": student}, student_in, patch_size, ctx_idx, tgt_idx,
-                             tgt_valid, visible)
+    return student_in, (ctx_idx, tgt_idx, tgt_valid, visible)
+
+  def _losses(self, out: Any, z_teacher: jax.Array, masks: dict[str, jax.Array]
+              ) -> tuple[jax.Array, jax.Array]:
+    """(JEPA loss against the teacher's tokens at the targets, MIL-NCE loss over the valid
+    patches) of a student output."""
+    tgt_idx, tgt_valid = (masks[k].transpose(1, 0, 2) for k in ("tgt_idx", "tgt_valid"))
+    target = losses.target_tokens(z_teacher[:, 1:], tgt_idx)
     jepa = losses.jepa_loss(out.pred, target, tgt_valid, kind=self.jepa_kind)
-    con = losses.contrastive_loss(out.tokens, tau=self.tau)
-    return jepa + self.contrastive_weight * con, {"jepa": jepa, "contrastive": con}
+    return jepa, losses.contrastive_loss(out.tokens, out.valid, tau=self.tau)
 
   def jit_step(self, state_sharding: Any, on_trace: Callable[[int], None]) -> Callable:
     """``train_step`` jit-compiled once per (batch signature, patch size), the state donated
