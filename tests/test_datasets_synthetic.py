@@ -23,7 +23,7 @@ from PIL import Image
 
 from anysat_jax.core import dates
 from input_pipeline.dataset_spec import DataError, check_example
-from input_pipeline.datasets import planted, registry, s2naip_urban
+from input_pipeline.datasets import pastis_hd, planted, registry, s2naip_urban
 from input_pipeline.samples import generate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -352,7 +352,7 @@ def test_pastis_hd_spot_for_the_shipped_sample(tmp_path):
   meta = json.loads((root / "metadata.geojson").read_text())
   assert ids == [str(f["properties"]["ID_PATCH"]) for f in meta["features"]]
   for pid in ids:
-    path = root / generate.SPOT_DIR / f"SPOT6_RVB_1M00_2019_{pid}.tif"
+    path = root / pastis_hd.SPOT_DIR / f"SPOT6_RVB_1M00_2019_{pid}.tif"
     with tifffile.TiffFile(path) as tif:
       page = tif.pages[0]
       rgb = page.asarray()
@@ -374,7 +374,7 @@ def test_pastis_hd_spot_for_the_shipped_sample(tmp_path):
 
 def test_pastis_hd_spot_without_a_pastis_root(tmp_path):
   (pid,) = generate.generate("pastis_hd_spot", str(tmp_path), seed=3, num=1)
-  with tifffile.TiffFile(tmp_path / generate.SPOT_DIR / f"SPOT6_RVB_1M00_2019_{pid}.tif") as tif:
+  with tifffile.TiffFile(tmp_path / pastis_hd.SPOT_DIR / f"SPOT6_RVB_1M00_2019_{pid}.tif") as tif:
     assert tif.series[0].shape == (1280, 1280, 3)
     assert tif.pages[0].tags["ModelPixelScaleTag"].value[:2] == (1.0, 1.0)
 
