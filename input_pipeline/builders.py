@@ -81,6 +81,15 @@ def _dtype_errors(feats: tfds.features.FeaturesDict, ex: Example) -> list[str]:
   return errors
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+  """``DatasetInfo`` without TFDS's look-up of precomputed metadata in its GCS bucket, which a
+  new builder makes: these datasets are not published there, and the look-up leaves an empty
+  ``tmp*tfds`` directory in the system temp folder on every build."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 def _builder_class(spec: DatasetSpec, feats: tfds.features.FeaturesDict) -> type:
   """An unregistered ``GeneratorBasedBuilder`` writing the given example streams."""
 
@@ -94,7 +103,7 @@ def _builder_class(spec: DatasetSpec, feats: tfds.features.FeaturesDict) -> type
       super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-      return tfds.core.DatasetInfo(builder=self, description=spec.description, features=feats)
+      return _LocalInfo(builder=self, description=spec.description, features=feats)
 
     def _split_generators(self, dl_manager):
       del dl_manager  # The streams already read ``manual_dir``.

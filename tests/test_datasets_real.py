@@ -11,6 +11,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import h5py
 import numpy as np
@@ -57,9 +58,13 @@ def _examples(name: str, data_dir: pathlib.Path) -> dict[str, dict[str, dict]]:
           for split, src in sources.items()}
 
 
-def test_treesatai_ts(tmp_path, capsys):
+def test_treesatai_ts(tmp_path, capsys, monkeypatch):
+  system_tmp = tmp_path / "system_tmp"
+  system_tmp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
   out = _build(capsys, "treesatai_ts", TREESAT, tmp_path)
   assert "train: 1 examples" in out and "val: 0 examples" in out
+  assert list(system_tmp.iterdir()) == []  # The build leaves nothing in the system temp folder.
   ex = _examples("treesatai_ts", tmp_path)["train"][TILE]
   np.testing.assert_array_equal(ex["aerial"], _tif_chw(TREESAT / "aerial" / f"{TILE}.tif"))
   assert ex["aerial"].shape == (4, 304, 304) and ex["aerial"].dtype == np.float32
