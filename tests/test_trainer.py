@@ -43,12 +43,15 @@ from input_pipeline import loader, mixture, prepare
 
 TIMEOUT = 900  # seconds of wall time per run: generous, the machine may be shared
 REL = 1e-5     # rel-L2 / relative tolerance between runs whose reductions may be reordered
-# Sharded and 2-process runs drift from the single-device run after the first steps (measured:
-# loss 1e-5 relative at step 3, 2e-3 at step 7, parameters 1.6e-3 rel-L2 at step 8; first seen
-# with the epoch mixture and per-row masks, larger since the L-TAE dropout). Steps 1-2 agree to
-# REL; later steps, the final loss and the parameters are compared at DRIFT until the source of
-# the drift is found.
-DRIFT = 1e-2
+# Any rounding difference grows along the run: a ReLU input within rounding of 0 flips, the
+# gradient of a bias that was exactly 0 (a channel dead on the whole batch) becomes ~1e-5, and
+# Adam, which normalises it, moves that bias by a whole learning rate. Measured on the trimmed
+# demo config: the single-device run against itself compiled with XLA's default optimisation
+# levels (same computation, another fusion order) differs by 2e-7 in the loss at step 1, 2e-5
+# at step 3, 3e-3 at step 7; the sharded run against the single-device one by as much, no more.
+# So steps 1-2 are compared at REL, and later steps and the final parameters against that
+# control (``rounding``): within ROUNDING_FACTOR x its deviation so far.
+ROUNDING_FACTOR = 10
 
 
 @dataclasses.dataclass
@@ -79,11 +82,12 @@ def env(tmp_path_factory) -> Env:
 
 
 def _start(env: Env, name: str, overrides: dict | None = None, mode: tuple[str, ...] = (),
-           devices: int | None = None, config: str = "", log: str = "") -> tl.Proc:
+           devices: int | None = None, config: str = "", log: str = "",
+           optimized: bool = False) -> tl.Proc:
   cfg = f"{env.config_file}:{config}" if config else env.config_file
   args = tl.main_args(cfg, env.workdir(name), overrides, mode)
-  return tl.Proc(args, tl.subprocess_env(env.cache_dir, devices), env.logs, log or name,
-                 env.workdir(name))
+  return tl.Proc(args, tl.subprocess_env(env.cache_dir, devices, optimized), env.logs,
+                 log or name, env.workdir(name))
 
 
 def _ok(run: tl.Run) -> tl.Run:
@@ -97,6 +101,12 @@ def _ok(run: tl.Run) -> tl.Run:
 def _reference(env: Env, runs: tl.Scenarios) -> tl.Run:
   """The uninterrupted single-device run the others are compared with."""
   return _start(env, "reference", config="evals").wait(TIMEOUT)
+
+
+def _rounding(env: Env, runs: tl.Scenarios) -> tl.Run:
+  """The reference's training on one device, compiled at XLA's default optimisation levels:
+  how far rounding alone moves the run (the control of the sharded and 2-process runs)."""
+  return _start(env, "rounding", optimized=True).wait(TIMEOUT)
 
 
 SHARDED = {"mesh.data": 2, "mesh.fsdp": 4, "mesh.fsdp_min_size": 1024}
@@ -194,12 +204,13 @@ def _rerun(env: Env, runs: tl.Scenarios) -> tl.Run:
 
 # In start order; the runs each test needs.
 SCENARIOS = {"reference": _reference, "sharded": _sharded, "two_processes": _two_processes,
+             "rounding": _rounding,
              "compiles": _compiles, "killed": _killed, "sigterm": _sigterm,
              "nonfinite": _nonfinite, "rerun": _rerun,
              "two_sigterm": _two_processes_one_sigterm}
 NEEDS = {
-    "test_sharded_equals_single_device": ("reference", "sharded"),
-    "test_two_processes_equal_one_process": ("reference", "two_processes"),
+    "test_sharded_equals_single_device": ("reference", "sharded", "rounding"),
+    "test_two_processes_equal_one_process": ("reference", "two_processes", "rounding"),
     "test_one_compile_per_bucket": ("reference", "compiles"),
     "test_evaluations_and_console": ("reference",),
     "test_kill_and_resume_equals_uninterrupted": ("reference", "killed"),
@@ -271,19 +282,35 @@ def _losses(run: tl.Run) -> dict[int, float]:
   return {s: v["loss"] for s, v in tl.logged_scalars(run.stdout).items() if "loss" in v}
 
 
-def _assert_same_losses(run: tl.Run, reference: tl.Run, steps: int = 8) -> None:
+def _deviations(run: tl.Run, reference: tl.Run, steps: int = 8) -> dict[int, float]:
+  """Relative deviation of ``run``'s logged loss from the reference's at every step."""
   got, want = _losses(run), _losses(reference)
   assert sorted(want) == list(range(1, steps + 1)), want
   assert sorted(got) == sorted(want), got
-  for s in want:
-    assert got[s] == pytest.approx(want[s], rel=REL if s <= 2 else DRIFT), (s, got, want)
+  return {s: abs(got[s] - want[s]) / abs(want[s]) for s in want}
 
 
-def _assert_close_states(a, b) -> None:
-  """Student and teacher parameters within ``DRIFT`` (rel-L2), same step."""
-  assert int(a.step) == int(b.step)
+def _assert_same_losses(run: tl.Run, reference: tl.Run, rounding: tl.Run) -> None:
+  """Steps 1-2 within REL; step s > 2 within ROUNDING_FACTOR x the largest deviation of the
+  ``rounding`` control up to s (at least REL)."""
+  dev, control = _deviations(run, reference), _deviations(_ok(rounding), reference)
+  for s in sorted(dev):
+    bound = REL if s <= 2 else max(REL, ROUNDING_FACTOR * max(control[t] for t in control
+                                                              if t <= s))
+    assert dev[s] <= bound, (s, dev, control)
+
+
+def _assert_close_states(env: Env, name: str) -> None:
+  """Student and teacher parameters of run ``name`` within ROUNDING_FACTOR x the rel-L2 of
+  the ``rounding`` control's from the reference's, same step."""
+  config = env.config()
+  a, b, c = (tl.restore(env.workdir(n), config)[0] for n in (name, "reference", "rounding"))
+  assert int(a.step) == int(b.step) == int(c.step)
   for tree in (lambda s: s.params, lambda s: optim.teacher_params(s.opt_state)):
-    assert tl.rel_l2(tree(a), tree(b)) < DRIFT
+    control = tl.rel_l2(tree(c), tree(b))
+    assert tl.rel_l2(tree(a), tree(b)) <= max(REL, ROUNDING_FACTOR * control), control
+  print(f"{name} vs single device: params rel-L2 {tl.rel_l2(a.params, b.params):.2g} "
+        f"(rounding control {tl.rel_l2(c.params, b.params):.2g})")
 
 
 # --- 7, 8. in process: unused projectors, EMA teacher, skipped non-finite steps -----------
@@ -425,7 +452,7 @@ def test_nonfinite_step_skipped(steps):
 def test_sharded_equals_single_device(env, runs, reference):
   """(data=2, fsdp=4) over 8 CPU devices, FSDP on every leaf of >= 1024 elements, against
   the single-device run: the losses of steps 1-2 within REL, later ones and the final parameters
-  within DRIFT (see DRIFT)."""
+  within ROUNDING_FACTOR x the rounding control's deviation (see ROUNDING_FACTOR)."""
   run = _ok(runs.result("sharded"))
   # The batch: one distinct row per device, over all 8 devices.
   line = next(x for x in run.stdout.splitlines() if x.startswith("batch-sharding "))
@@ -440,12 +467,8 @@ def test_sharded_equals_single_device(env, runs, reference):
   split = {k for k, spec in specs.items() if "fsdp" in spec}
   assert "params.encoder.combiner.block_0.mlp.fc1.kernel" in split
   assert "params.predictor.proj_out.bias" not in split and len(split) < len(specs)
-  _assert_same_losses(run, reference)
-  config = env.config()
-  a, _ = tl.restore(env.workdir("sharded"), config)
-  b, _ = tl.restore(env.workdir("reference"), config)
-  _assert_close_states(a, b)
-  print(f"sharded vs single device: params rel-L2 {tl.rel_l2(a.params, b.params):.2g}")
+  _assert_same_losses(run, reference, runs.result("rounding"))
+  _assert_close_states(env, "sharded")
 
 
 # --- 2. two processes == one process ------------------------------------------------------
@@ -454,8 +477,8 @@ def test_sharded_equals_single_device(env, runs, reference):
 def test_two_processes_equal_one_process(env, runs, reference):
   """2 processes x 1 CPU device (gloo collectives, each reading the global batch and keeping
   its rows; the batch and the large leaves split over the 2 processes) against 1 process: the
-  same losses and final parameters (REL, then DRIFT). (The fingerprints differ: the gradient sums
-  are reduced in another order.)"""
+  same losses and final parameters (REL, then the rounding control's bound). (The fingerprints
+  differ: the gradient sums are reduced in another order.)"""
   two = runs.result("two_processes")
   for r in two:
     _ok(r)
@@ -463,20 +486,15 @@ def test_two_processes_equal_one_process(env, runs, reference):
   specs = tl.saved_partition_specs(env.workdir("two_processes"), 8)
   assert "fsdp" in specs["params.encoder.combiner.block_0.mlp.fc1.kernel"]
   step, loss, fingerprint = tl.final(two[0])       # process 0 writes the summary
-  ref_step, ref_loss, ref_fingerprint = tl.final(reference)
+  ref_step, _, ref_fingerprint = tl.final(reference)
   # Both processes print the same final line (the fingerprint gathers across them).
   assert two[0].stdout.splitlines()[-1] == two[1].stdout.splitlines()[-1]
   assert two[0].stdout.splitlines()[-1] == f"final: step=8 loss={loss:.6f} " \
                                            f"fingerprint={fingerprint}"
   assert step == ref_step == 8
-  assert loss == pytest.approx(ref_loss, rel=DRIFT)
-  _assert_same_losses(two[0], reference)
-  config = env.config()
-  a, _ = tl.restore(env.workdir("two_processes"), config)
-  b, _ = tl.restore(env.workdir("reference"), config)
-  _assert_close_states(a, b)
-  print(f"2 processes: fingerprint {fingerprint}, 1 process: {ref_fingerprint}; params rel-L2 "
-        f"{tl.rel_l2(a.params, b.params):.2g}")
+  _assert_same_losses(two[0], reference, runs.result("rounding"))
+  _assert_close_states(env, "two_processes")
+  print(f"2 processes: fingerprint {fingerprint}, 1 process: {ref_fingerprint}")
 
 
 # --- 3. one compile per bucket ------------------------------------------------------------

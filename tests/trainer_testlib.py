@@ -130,15 +130,18 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def subprocess_env(cache_dir: pathlib.Path | None, devices: int | None = None) -> dict[str, str]:
-  """CPU-only JAX, ``devices`` host devices (None: one), the shared compilation cache."""
+def subprocess_env(cache_dir: pathlib.Path | None, devices: int | None = None,
+                   optimized: bool = False) -> dict[str, str]:
+  """CPU-only JAX, ``devices`` host devices (None: one), the shared compilation cache.
+  ``optimized``: XLA's default CPU optimisation levels instead of the tests' fast-compile ones
+  (another fusion and reduction order: the same computation, rounded differently)."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
   env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="1", PYTHONUNBUFFERED="1",
              PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(
                  os.pathsep),
              # Faster XLA compiles; every compared run uses the same setting.
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"     # as tests/conftest.py
+             JAX_DISABLE_MOST_OPTIMIZATIONS="0" if optimized else "1")
+  env["XLA_FLAGS"] = "" if optimized else "--xla_backend_optimization_level=0"  # as conftest
   if devices is not None:
     env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
   if cache_dir is not None:
