@@ -42,6 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.overrides = dict(dtype="bfloat16", remat=True, chunk_tokens=16384,
                            attention_impl="dot_product_attention")
   # ----------------------------------------------------------------------------------------
+  # Per-modality projector settings, e.g. {"s1": {"dropout": 0.0, "attn_dropout": 0.0}}.
+  c.model.projectors = {}
 
   c.masking = dict(num_targets=4, target_scale=(0.2, 0.8), target_aspect=(0.75, 1.5),
                    context_scale=(0.85, 1.0), context_fraction=0.15, modality_ratio=0.5,

@@ -14,8 +14,10 @@ import pytest
 from anysat_jax.models.config import default_projector, encoder_config, override
 from anysat_jax.models.encoder import AnySatEncoder, grid_validity
 from anysat_jax.models.jepa import PredictorConfig, Student
+from anysat_jax.tasks import pretrain
 from anysat_jax.tasks.losses import pretrain as losses
 from anysat_jax.tools.parity import rel_l2
+from configs import geoplex
 
 CONFIG = encoder_config("tiny", dim=64, depth=1, num_heads=4, spatial_depth=1, spatial_heads=4,
                         modalities=("s2", "s1"))
@@ -72,6 +74,19 @@ def test_zero_rates_are_deterministic(encoder):
   batch = _batch()
   assert rel_l2(_features(off, params, batch, False, 3), _features(off, params, batch, True)) \
       < 1e-6
+
+
+def test_run_config_sets_projector_rates():
+  """``model.projectors`` of a run config reaches the pretraining encoder (a ConfigDict
+  cannot hold the dotted ``projectors.<mod>.<field>`` names)."""
+  config = geoplex.get_config("demo")
+  config.model.projectors = {"s1": {"dropout": 0.0, "attn_dropout": 0.05}}
+  projectors = dict(pretrain.model_configs(config)[0].projectors)
+  assert (projectors["s1"].dropout, projectors["s1"].attn_dropout) == (0.0, 0.05)
+  assert (projectors["l7"].dropout, projectors["s2"].attn_dropout) == (0.2, 0.1)
+  config.model.projectors = {"s9": {"dropout": 0.0}}
+  with pytest.raises(ValueError, match="s9"):
+    pretrain.model_configs(config)
 
 
 def test_student_training_apply_has_dropout():

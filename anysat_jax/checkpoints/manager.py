@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from anysat_jax.checkpoints import convert
 from anysat_jax.core import modalities as mods
 from anysat_jax.core import options
-from anysat_jax.models.config import EncoderConfig, encoder_config, override
+from anysat_jax.models.config import EncoderConfig, encoder_config, override, run_overrides
 from anysat_jax.tasks import optim
 
 Params = Any
@@ -87,9 +87,7 @@ def load_encoder(config: ml_collections.ConfigDict) -> tuple[Params | None, Enco
   kind, path = config.init.kind, config.init.path
   options.check("init.kind", kind, options.INIT_KINDS)
   modalities = tuple(config.data.datasets[config.dataset].modalities)
-  overrides = dict(config.model.overrides)
-  for name, fields in config.model.projectors.items():
-    overrides.update({f"projectors.{name}.{k}": v for k, v in fields.items()})
+  overrides = run_overrides(config.model.overrides, config.model.projectors)
   model_cfg = lambda names=None: encoder_config(config.model.size, modalities=names, **overrides)
   if kind == "scratch":
     params, cfg = None, model_cfg(modalities)

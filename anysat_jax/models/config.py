@@ -138,6 +138,17 @@ def encoder_config(size: str = "base", *, modalities: tuple[str, ...] | None = N
   return _apply(EncoderConfig(projectors=projectors, **fields), {}, per_modality)
 
 
+def run_overrides(overrides: Mapping[str, Any], projectors: Mapping[str, Mapping[str, Any]]
+                  ) -> dict[str, Any]:
+  """The ``encoder_config`` overrides of a run config: its ``model.overrides`` and its
+  ``model.projectors`` (``{mod: {field: value}}``, the form a ``ConfigDict`` can hold) as
+  ``projectors.<mod>.<field>``."""
+  out = dict(overrides)
+  for name, fields in projectors.items():
+    out.update({f"projectors.{name}.{k}": v for k, v in fields.items()})
+  return out
+
+
 def override(config: EncoderConfig, **overrides: Any) -> EncoderConfig:
   """A copy of ``config`` with overrides (same names as ``encoder_config``)."""
   return _apply(config, *_parse(overrides))

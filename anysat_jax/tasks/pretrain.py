@@ -21,7 +21,7 @@ import optax
 
 from anysat_jax.core import modalities as mods
 from anysat_jax.core import options
-from anysat_jax.models.config import EncoderConfig, encoder_config
+from anysat_jax.models.config import EncoderConfig, encoder_config, run_overrides
 from anysat_jax.models.encoder import AnySatEncoder
 from anysat_jax.models.jepa import PredictorConfig, Student
 from anysat_jax.tasks import masking, optim, schedules
@@ -30,7 +30,8 @@ from anysat_jax.tasks.state import TrainState
 
 
 def model_configs(config: ml_collections.ConfigDict) -> tuple[EncoderConfig, PredictorConfig]:
-  enc = encoder_config(config.model.size, **dict(config.model.get("overrides", {})))
+  enc = encoder_config(config.model.size, **run_overrides(config.model.get("overrides", {}),
+                                                         config.model.get("projectors", {})))
   pred = PredictorConfig(**dict(config.model.predictor))
   return enc, pred
 
