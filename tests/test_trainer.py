@@ -637,6 +637,29 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, damage):
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "corrupt-2"]
 
 
+def test_checkpoint_of_another_state_layout_is_refused_not_moved(tmp_path):
+  """A checkpoint whose state has other leaves (another version's optimiser state) or shapes:
+  a ValueError naming them; the checkpoint stays where it is."""
+  config = ml_collections.ConfigDict(dict(checkpoint=dict(keep=5, use_async=False)))
+  with ckpt.checkpoint_manager(str(tmp_path), config) as manager:
+    manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(_tiny_state(1)),
+                                            data=ocp.args.JsonSave({"step": 1})))
+  other_leaves = TrainState(jnp.int32(0), {"w": jnp.zeros(1000)}, {"m": jnp.ones(3),
+                                                                  "plateau": jnp.ones(())},
+                            jax.random.key(0))
+  other_shape = TrainState(jnp.int32(0), {"w": jnp.zeros(999)}, {"m": jnp.ones(3)},
+                           jax.random.key(0))
+  with ckpt.checkpoint_manager(str(tmp_path), config) as manager:
+    with pytest.raises(ValueError, match=r"1 leaves differ: opt_state/plateau: saved absent"):
+      ckpt.restore_latest(manager, jax.eval_shape(lambda: other_leaves), lambda d: None)
+    with pytest.raises(ValueError, match=r"params/w: saved \(1000,\), now \(999,\)"):
+      ckpt.restore_latest(manager, jax.eval_shape(lambda: other_shape), lambda d: None)
+    step, _ = ckpt.restore_latest(manager, jax.eval_shape(lambda: _tiny_state(0)),
+                                  lambda d: None)
+  assert step == 1
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+
+
 def test_resume_with_another_model_names_the_keys(env, tmp_path):
   config = env.config()
   ckpt.write_config(str(tmp_path), config)

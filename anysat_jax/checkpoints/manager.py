@@ -170,6 +170,44 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
   return diff
 
 
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...] | None]:
+  """{"a/b/0/c": shape} of a state tree or its saved metadata (NamedTuple fields, dict keys
+  and sequence indices alike, as orbax saves them)."""
+  name = lambda k: str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
+
+  def shape(leaf: Any) -> tuple[int, ...] | None:
+    if not hasattr(leaf, "shape") or jax.dtypes.issubdtype(getattr(leaf, "dtype", None),
+                                                           jax.dtypes.prng_key):
+      return None      # typed PRNG keys are saved as their raw uint32 data
+    return tuple(leaf.shape)
+
+  return {"/".join(map(name, path)): shape(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_layout(manager: ocp.CheckpointManager, step: int, target: Any) -> None:
+  """Raises ValueError if the saved state of ``step`` has other leaves or shapes than
+  ``target`` (a checkpoint of another version of the train state: not damage, so it is not
+  moved aside). Unreadable metadata is left to the restore (damage)."""
+  path = os.path.join(str(manager.directory), str(step), "state")
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      saved = _leaf_shapes(ckptr.metadata(path).item_metadata.tree)
+  except Exception:   # noqa: BLE001  (missing or damaged metadata: the restore decides)
+    return
+  want = _leaf_shapes(target)
+  diff = sorted(k for k in set(saved) | set(want)
+                if k not in saved or k not in want
+                or None not in (saved[k], want[k]) and saved[k] != want[k])
+  if diff:
+    detail = "; ".join(f"{k}: saved {saved.get(k, 'absent')}, now {want.get(k, 'absent')}"
+                       for k in diff[:6])
+    raise ValueError(
+        f"checkpoint of step {step} in {manager.directory} holds another train state layout "
+        f"({len(diff)} leaves differ: {detail}); it was written by another version or model: "
+        "resume with that version, or use another --workdir")
+
+
 def restore_latest(manager: ocp.CheckpointManager, target: Any,
                    set_data: Callable[[Any], None]) -> tuple[int, Any] | None:
   """(step, state) of the newest checkpoint that restores, or None; ``set_data`` receives its
@@ -177,10 +215,12 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any,
 
   A step that fails to restore (truncated array file, damaged iterator state) is logged and
   moved aside to ``checkpoints/corrupt-<step>`` (by process 0, all processes wait), and the
-  previous step is tried.
+  previous step is tried. A step whose saved leaves or shapes differ from ``target``'s raises
+  ValueError (``check_layout``) and nothing is moved.
   """
   directory = str(manager.directory)
   while (step := manager.latest_step()) is not None:
+    check_layout(manager, step, target)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
