@@ -6,8 +6,9 @@ documented bound (``python -m anysat_jax.scene_bench``).
 Makes a Sentinel-2 scene on the fly: a tiled (256 px), deflate-compressed, pixel-interleaved
 uint16 GeoTIFF of PX x PX pixels at 10 m (EPSG:32631, 10 bands per date, nodata 0 in a corner
 triangle, as at a granule's edge), written strip by strip so that making it is bounded too.
-Then runs the command line on it in a subprocess, twice: on a reference scene of 2 x 2 windows
-(the runtime, the compiled model and one batch of windows: the part of the bound that does not
+Then runs the command line on it in a subprocess, twice: on a reference scene of k x k windows,
+k*k >= 3 batches (the runtime, the compiled model and a batch of windows in flight, in the
+steady state that the first call alone does not reach: the part of the bound that does not
 depend on the scene) and on the scene itself. Reports each run's peak resident memory
 (``VmHWM``, and the peaks of its anonymous and file-backed parts, sampled every 0.1 s), its
 time, and the bound: the reference run's peak plus the terms that grow with the scene
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -152,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   args.raster_backend = args.raster_backend or raster_backend.active()
   win = round(args.tile_m / 10)
+  ref_px = math.ceil(math.sqrt(3 * args.batch)) * win
+  if ref_px >= args.px:
+    parser.error(f"--px {args.px} is not larger than the reference scene ({ref_px} px)")
   rows = {}
   with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-    for name, px in (("reference", 2 * win), ("scene", args.px)):
+    for name, px in (("reference", ref_px), ("scene", args.px)):
       path = os.path.join(tmp, f"{name}.tif")
       t0 = time.time()
       make_scene(path, px, args.dates)
