@@ -25,8 +25,10 @@ passed unchanged with ``--no_normalize``. The file's nodata value and NaNs are m
     --output dense --tile_m 1200 --overlap_m 240 --taper cosine --out scene_features.tif
 
 Windows of ``--tile_m`` metres slide by ``tile_m - overlap_m`` over all modalities jointly.
-Dense maps stream to a compressed, tiled GeoTIFF (``--cog``: cloud-optimized, with overviews):
-memory holds one batch of windows and one row of windows of the map, not the scene. An
+Inputs are read window by window and dense maps stream to a compressed, tiled GeoTIFF
+(``--cog``: cloud-optimized, with overviews), by rasterio when installed, else by tifffile
+(``--raster_backend``): memory holds one batch of windows and one row of windows of the map,
+not the scene. An
 existing ``--out`` is replaced only with ``--overwrite``, atomically; an ``--out`` that is one
 of the inputs is refused.
 """
