@@ -178,7 +178,8 @@ def _write_rasterio(path: str, shape: tuple[int, int, int], rows: Iterable[np.nd
   side = geotiff.output_tile_side(shape)
   profile = dict(driver="GTiff", height=height, width=width, count=bands,
                  dtype=np.dtype(dtype).name, tiled=True, blockxsize=side, blockysize=side,
-                 interleave="pixel", BIGTIFF="IF_SAFER", nodata=nodata)
+                 interleave="pixel", photometric="MINISBLACK", BIGTIFF="IF_SAFER",
+                 nodata=nodata)   # MINISBLACK: GDAL would tag 3 or 4 uint8 bands as RGB(A)
   if _RIO_COMPRESSION[compression]:
     profile["compress"] = _RIO_COMPRESSION[compression]
   if georef is not None:
