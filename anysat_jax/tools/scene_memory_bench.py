@@ -11,7 +11,8 @@ k*k >= 3 batches (the runtime, the compiled model and a batch of windows in flig
 steady state that the first call alone does not reach: the part of the bound that does not
 depend on the scene) and on the scene itself. Reports each run's peak resident memory
 (``VmHWM``, and the peaks of its anonymous and file-backed parts, sampled every 0.1 s), its
-time, and the bound: the reference run's peak plus the terms that grow with the scene
+time, its resident memory over the second half of the run (flat when bounded), and the
+bound: the reference run's peak plus the terms that grow with the scene
 (docs/api.md, "Memory"). ``--limit_s`` stops the scene's run after that many seconds and
 reports the windows done (a partial run).
 """
@@ -81,11 +82,16 @@ def measure(cmd: list[str], log_path: str, limit_s: float | None = None) -> dict
   with open(log_path, "w") as log:
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, text=True)
   peak = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
+  trace, last = [], 0.0          # (seconds, resident MiB) every 10 s: is it flat?
   while proc.poll() is None:
     try:
-      for k, v in _status(proc.pid).items():
+      status = _status(proc.pid)
+      for k, v in status.items():
         peak[k] = max(peak[k], v)
-    except (OSError, ValueError):
+      if time.time() - last >= 10:
+        last = time.time()
+        trace.append((round(last - t0), (status["RssAnon"] + status["RssFile"]) / 1024))
+    except (OSError, ValueError, KeyError):
       pass
     if limit_s is not None and time.time() - t0 > limit_s:
       proc.terminate()
@@ -99,7 +105,9 @@ def measure(cmd: list[str], log_path: str, limit_s: float | None = None) -> dict
   finished = proc.returncode == 0
   if not finished and limit_s is None:
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{text[-4000:]}")
+  half = [mib for t, mib in trace if t >= seconds / 2]
   return {**{k: v / 1024 for k, v in peak.items()}, "seconds": seconds, "finished": finished,
+          "trace": trace, "late_rss": (min(half), max(half)) if half else None,
           "windows_done": int(done[-1][0]) if done else 0,
           "windows": int(done[-1][1]) if done else 0}
 
@@ -184,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name:>10} {r['px']:>6} {r['file_mib']:>9.0f} {r['decoded_mib']:>12.0f} "
           f"{r['VmHWM']:>13.0f} {r['RssAnon']:>9.0f} {r['RssFile']:>9.0f} {r['seconds']:>8.0f} "
           f"{r['windows_done']:>6}/{r['windows']:<5}")
+  late = rows["scene"]["late_rss"]
+  if late:
+    print(f"scene's resident memory over the second half of its run: {late[0]:.0f} to "
+          f"{late[1]:.0f} MiB")
   print("bound: reference peak + " + " + ".join(f"{k} {v:.0f}" for k, v in terms.items())
         + f" = {bound:.0f} MiB; scene peak {rows['scene']['VmHWM']:.0f} MiB "
         + ("within" if rows["scene"]["VmHWM"] <= bound else "ABOVE") + " it")
