@@ -17,7 +17,7 @@ scene:
 
 Cloud-optimized output is ``io.cog`` with either backend (GDAL's COG driver copies a whole
 dataset; ``io.cog`` streams). The choice: ``use(name)``, else the ``ANYSAT_RASTER_BACKEND``
-environment variable (``rasterio`` or ``tifffile``), else rasterio if it imports.
+environment variable (``rasterio`` or ``tifffile``), else rasterio if it is installed.
 """
 
 from __future__ import annotations
