@@ -1,5 +1,6 @@
 """The wheel: built from the sources, installed into a fresh venv outside the checkout, it holds
-the shipped samples, the normalisation statistics and the configs, and its commands run.
+the shipped samples, the normalisation statistics, the configs and the licence, and its
+commands run.
 
 The venv reuses this environment's dependencies through a ``.pth`` line naming this
 interpreter's site-packages; ``.pth`` files inside that directory (such as an editable install's
@@ -28,7 +29,7 @@ from anysat_jax.tools.parity import rel_l2
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLES = pathlib.Path("input_pipeline", "samples")
 TIF = SAMPLES / "TreeSatAI-TS" / "aerial" / "Abies_alba_1_1005_WEFL_NLF.tif"
-SOURCES = ("anysat_jax", "input_pipeline", "configs", "pyproject.toml", "README.md")
+SOURCES = ("anysat_jax", "input_pipeline", "configs", "pyproject.toml", "README.md", "LICENSE")
 
 
 def _run(cmd, cwd, env=None, timeout=180):
@@ -81,6 +82,10 @@ def test_wheel_holds_samples_statistics_and_configs(installed):
   configs = {p.name for p in (REPO / "configs").glob("*.py")}
   assert {"__init__.py", "common.py", "geoplex.py"} <= configs
   assert {p.name for p in (site / "configs").glob("*.py")} == configs
+  (info,) = site.glob("anysat_jax-*.dist-info")
+  assert filecmp.cmp(REPO / "LICENSE", info / "licenses" / "LICENSE", shallow=False)
+  metadata = (info / "METADATA").read_text().splitlines()
+  assert "License-Expression: MIT" in metadata and "License-File: LICENSE" in metadata
 
 
 def test_installed_package_imports_and_resolves_configs(installed):

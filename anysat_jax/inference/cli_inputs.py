@@ -3,7 +3,8 @@ georeference (numpy).
 
 ``--input MOD=PATH`` (a GeoTIFF, an ``.h5`` dataset or an ``.npy`` array holding one modality),
 ``--bands MOD=2,3,4,...`` (1-based file bands feeding the registry's channels), ``--dates``,
-``--h5_key``, ``--h5_dates_key`` and ``--crop`` (see ``io.rasters``).
+``--h5_key``, ``--h5_dates_key``, ``--crop`` (see ``io.rasters``) and ``--raster_backend``
+(GeoTIFF reading and writing, ``io.raster_backend``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 from anysat_jax.core import modalities as mods
-from anysat_jax.io import geotiff, rasters
+from anysat_jax.io import geotiff, raster_backend, rasters
 
 log = logging.getLogger("anysat_jax.inference")
 
@@ -44,7 +45,8 @@ def _crop_size(name: str, spec: str) -> tuple[int, int]:
 
 
 def add_input_args(parser: argparse.ArgumentParser, input_help: str) -> None:
-  """Adds ``--input``, ``--bands``, ``--dates``, ``--h5_key``, ``--h5_dates_key``, ``--crop``."""
+  """Adds ``--input``, ``--bands``, ``--dates``, ``--h5_key``, ``--h5_dates_key``, ``--crop``,
+  ``--raster_backend``."""
   add = parser.add_argument
   add("--input", action="append", required=True, metavar="MOD=PATH", help=input_help)
   add("--bands", action="append", metavar="MOD=B1,B2,...",
@@ -58,6 +60,9 @@ def add_input_args(parser: argparse.ArgumentParser, input_help: str) -> None:
       help="HDF5 dataset of dates (days of year, or strings holding dates)")
   add("--crop", action="append", metavar="MOD=PX",
       help="centre crop to PX x PX (or HxW) pixels before anything else")
+  add("--raster_backend", choices=raster_backend.BACKENDS,
+      help="GeoTIFF reading and writing (default: rasterio when installed, else tifffile; "
+      f"or ${raster_backend.ENV})")
 
 
 def read_inputs(args: argparse.Namespace) -> dict[str, rasters.Raster]:
@@ -71,7 +76,8 @@ def read_inputs(args: argparse.Namespace) -> dict[str, rasters.Raster]:
   crops = {n: _crop_size(n, s) for n, s in pairs(args.crop, "--crop", names).items()}
   out = {}
   for n, path in inputs.items():
-    r = rasters.read_input(n, path, dates.get(n), h5_keys.get(n), h5_dates.get(n), bands.get(n))
+    r = rasters.read_input(n, path, dates.get(n), h5_keys.get(n), h5_dates.get(n), bands.get(n),
+                           args.raster_backend)
     out[n] = rasters.center_crop(r, *crops[n]) if n in crops else r
     log.info("%s: %s -> %s%s%s", n, path, "x".join(map(str, out[n].data.shape)),
              f" (centre crop of {'x'.join(map(str, r.data.shape))})" if n in crops else "",

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 OUTPUTS = ("tile", "patch", "dense")
 DENSE_BANDS = ("all", "first", "last")
 MISSING = ("mask", "raise")
-_STRIP = 256           # rows per read when counting missing values
+_BLOCK = 512           # side, px, of the blocks read when counting missing values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +103,11 @@ def _stats(name: str, stats: Mapping[str, tuple[Any, Any]], channels: int
 
 
 def count_missing(x: Any) -> int:
-  """Non-finite values of an image or series, read in strips of rows (bounded memory)."""
-  return sum(int(np.count_nonzero(~np.isfinite(x[..., r:r + _STRIP, :])))
-             for r in range(0, x.shape[-2], _STRIP))
+  """Non-finite values of an image or series, read in blocks of 512 x 512 px (memory bounded
+  by a block, not by the scene's width)."""
+  h, w = x.shape[-2:]
+  return sum(int(np.count_nonzero(~np.isfinite(x[..., r:r + _BLOCK, c:c + _BLOCK])))
+             for r in range(0, h, _BLOCK) for c in range(0, w, _BLOCK))
 
 
 def _window_batch(scene: Scene, windows: Sequence[tuple[Fraction, Fraction]]

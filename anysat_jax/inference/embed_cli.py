@@ -25,8 +25,10 @@ passed unchanged with ``--no_normalize``. The file's nodata value and NaNs are m
     --output dense --tile_m 1200 --overlap_m 240 --taper cosine --out scene_features.tif
 
 Windows of ``--tile_m`` metres slide by ``tile_m - overlap_m`` over all modalities jointly.
-Dense maps stream to a compressed, tiled GeoTIFF (``--cog``: cloud-optimized, with overviews):
-memory holds one batch of windows and one row of windows of the map, not the scene. An
+Inputs are read window by window and dense maps stream to a compressed, tiled GeoTIFF
+(``--cog``: cloud-optimized, with overviews), by rasterio when installed, else by tifffile
+(``--raster_backend``): memory holds one batch of windows and one row of windows of the map,
+not the scene. An
 existing ``--out`` is replaced only with ``--overwrite``, atomically; an ``--out`` that is one
 of the inputs is refused.
 """
@@ -44,7 +46,7 @@ import numpy as np
 
 from anysat_jax.inference import cli_inputs, embed, tiling
 from anysat_jax.inference.api import AnySat
-from anysat_jax.io import atomic, cog, geotiff, tables
+from anysat_jax.io import atomic, cog, geotiff, raster_backend, tables
 from input_pipeline.normalization import OFFICIAL, load_stats
 
 log = logging.getLogger("anysat_jax.embed")
@@ -190,10 +192,14 @@ def run(model: AnySat, args: argparse.Namespace) -> embed.Embedding | None:
     metadata = {"anysat": json.dumps(meta)}
     if georef is not None and georef.epsg is not None:
       metadata["crs"] = f"EPSG:{georef.epsg}"
-    write = cog.write_cog if args.cog else geotiff.write_rows
     with atomic.replacing(out) as tmp:
-      overviews = write(tmp, (h, w, depth), rows, out_ref, metadata,
-                        compression=args.compression, nodata=float("nan"))
+      if args.cog:
+        overviews = cog.write_cog(tmp, (h, w, depth), rows, out_ref, metadata,
+                                  compression=args.compression, nodata=float("nan"))
+      else:
+        raster_backend.write_rows(tmp, (h, w, depth), rows, out_ref, metadata,
+                                  compression=args.compression, nodata=float("nan"),
+                                  backend=args.raster_backend)
     log.info("wrote a %dx%d dense map of %d bands at %g m to %s%s", h, w, depth,
              float(win.cell), out,
              f" (cloud-optimized, {overviews} overviews)" if args.cog else "")

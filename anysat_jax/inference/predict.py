@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from anysat_jax.checkpoints import manager as ckpt
 from anysat_jax.core import modalities as mods
 from anysat_jax.inference import embed, tiling
-from anysat_jax.io import atomic, geotiff
+from anysat_jax.io import atomic, geotiff, raster_backend
 from anysat_jax.models import heads
 from anysat_jax.tasks import schedules
 from anysat_jax.tasks.finetune import FinetuneTask
@@ -232,10 +232,10 @@ def blended_logits(scene: embed.Scene, num_classes: int, *, taper: str = "linear
 
 def write_maps(rows: Iterator[np.ndarray], shape: tuple[int, int, int], out: str,
                probs: str | None, georef: geotiff.GeoRef | None, metadata: dict[str, str],
-               compression: str = "deflate") -> None:
+               compression: str = "deflate", backend: str | None = None) -> None:
   """Streams blended logits (k, W, K) into the class map ``out`` and, if given, the
   probability map ``probs`` (kept in a memory-mapped file beside it until the class map is
-  written); both atomic."""
+  written); both atomic, written by the raster ``backend`` (None: the active one)."""
   h, w, k = shape
   dtype, nodata = class_dtype(k)
   with contextlib.ExitStack() as stack:
@@ -258,13 +258,15 @@ def write_maps(rows: Iterator[np.ndarray], shape: tuple[int, int, int], out: str
                        np.argmax(np.nan_to_num(p), -1)[..., None]).astype(dtype)
 
     with atomic.replacing(out) as tmp:
-      geotiff.write_rows(tmp, (h, w, 1), classes(), georef, metadata,
-                         compression=compression, nodata=nodata, dtype=dtype)
+      raster_backend.write_rows(tmp, (h, w, 1), classes(), georef, metadata,
+                                compression=compression, nodata=nodata, dtype=dtype,
+                                backend=backend)
     if stash is not None:
       side = geotiff.tile_side(k)
       with atomic.replacing(probs) as tmp:
-        geotiff.write_rows(tmp, shape, (stash[r:r + side] for r in range(0, h, side)), georef,
-                           metadata, compression=compression, nodata=float("nan"))
+        raster_backend.write_rows(tmp, shape, (stash[r:r + side] for r in range(0, h, side)),
+                                  georef, metadata, compression=compression,
+                                  nodata=float("nan"), backend=backend)
 
 
 def classify_table(scene: embed.Scene, multilabel: bool, name: str,

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
   rows = blended_logits(scene, task.label.num_classes, taper=args.taper, batch=args.batch,
                         progress=True)
   write_maps(rows, (h, w, task.label.num_classes), outs[0], outs[1] if args.probs else None,
-             out_ref, metadata, args.compression)
+             out_ref, metadata, args.compression, args.raster_backend)
   log.info("wrote a %dx%d class map at %g m to %s%s", h, w, cell, outs[0],
            f" and its probabilities to {outs[1]}" if args.probs else "")
   return None

@@ -1,8 +1,10 @@
 """Minimal GeoTIFF input/output with tifffile: (C, H, W) arrays plus a north-up georeference.
 
-Reading memory-maps an uncompressed file (``open_bands``), so a window of a large scene reads
-only its pixels. Writing streams rows into a compressed (deflate, or zstd with ``imagecodecs``),
-internally tiled, pixel-interleaved GeoTIFF: memory holds one row of tiles, not the raster.
+Reading memory-maps an uncompressed file (``open_bands``), or decodes only the tiles or strips
+a window touches (``io.tiff_windows``), so a window of a large scene reads only its pixels.
+Writing streams rows into a compressed (deflate, or zstd with ``imagecodecs``), internally
+tiled, pixel-interleaved GeoTIFF: memory holds one row of tiles, not the raster. This is the
+tifffile backend; ``io.raster_backend`` chooses between it and rasterio.
 
 Only north-up rasters are handled: a ``ModelPixelScale`` + single ``ModelTiepoint`` pair, or a
 ``ModelTransformation`` without rotation or shear. Rotated/sheared transformations, ground
@@ -25,6 +27,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 import tifffile
+
+from anysat_jax.io import tiff_windows
 
 MODEL_PIXEL_SCALE = 33550
 MODEL_TIEPOINT = 33922
@@ -65,6 +69,7 @@ class GeoRef:
     pixel_is_point: the file's ``GTRasterTypeGeoKey`` is PixelIsPoint.
     crs_tags: the CRS tags as tifffile ``extratags`` entries ``(code, dtype, count, value)``.
     geokeys: the decoded GeoKeys (name -> int, float or str), for metadata.
+    wkt: the CRS as WKT when a reader resolved it (the rasterio backend), else None.
   """
 
   x0: float
@@ -74,6 +79,7 @@ class GeoRef:
   pixel_is_point: bool = False
   crs_tags: tuple[tuple[int, int, int, Any], ...] = ()
   geokeys: dict[str, Any] = dataclasses.field(default_factory=dict)
+  wkt: str | None = None
 
   def xy(self, row: float, col: float) -> tuple[float, float]:
     """CRS coordinates of the pixel corner at fractional (row, col) (0, 0 = top-left)."""
@@ -185,18 +191,32 @@ def _to_bands(x: np.ndarray, axes: str, path: str) -> np.ndarray:
   return x
 
 
-def open_bands(path: str | os.PathLike) -> tuple[np.ndarray, GeoRef | None, float | None]:
-  """The first image of a (Geo)TIFF as (N, H, W) in file band order and dtype: a read-only
-  memory map when the file is uncompressed and contiguous, else read whole; with its
-  georeference (or None) and GDAL_NODATA value (or None). Any interleave is accepted."""
+def read_header(path: str | os.PathLike) -> tuple[GeoRef | None, float | None, bool]:
+  """(georeference or None, GDAL_NODATA value or None, whether the first image can be
+  memory-mapped: uncompressed and contiguous) of a (Geo)TIFF, from its tags only."""
   path = os.fspath(path)
   with tifffile.TiffFile(path) as tif:
-    series = tif.series[0]
-    georef = _georef(tif.pages.first, path)
-    nodata = _nodata(tif.pages.first, path)
-    axes, lazy = series.axes, series.dataoffset is not None
-    x = tifffile.memmap(path, mode="r", series=0) if lazy else series.asarray()
-  return _to_bands(x, axes, path), georef, nodata
+    page = tif.pages.first
+    return _georef(page, path), _nodata(page, path), tif.series[0].dataoffset is not None
+
+
+def memmap_bands(path: str | os.PathLike) -> np.ndarray:
+  """The first image of an uncompressed, contiguous TIFF as a read-only (N, H, W) map."""
+  path = os.fspath(path)
+  with tifffile.TiffFile(path) as tif:
+    axes = tif.series[0].axes
+  return _to_bands(tifffile.memmap(path, mode="r", series=0), axes, path)
+
+
+def open_bands(path: str | os.PathLike) -> tuple[Any, GeoRef | None, float | None]:
+  """The first image of a (Geo)TIFF as a lazy (N, H, W) view in file band order and dtype: a
+  read-only memory map when the file is uncompressed and contiguous, else a
+  ``tiff_windows.TiffWindows`` that decodes the tiles or strips a window touches; with its
+  georeference (or None) and GDAL_NODATA value (or None). Any interleave is accepted."""
+  georef, nodata, mappable = read_header(path)
+  if mappable:
+    return memmap_bands(path), georef, nodata
+  return tiff_windows.TiffWindows(path, nodata), georef, nodata
 
 
 def read(path: str | os.PathLike) -> tuple[np.ndarray, GeoRef | None]:
@@ -213,6 +233,12 @@ def read(path: str | os.PathLike) -> tuple[np.ndarray, GeoRef | None]:
 def tile_side(bands: int) -> int:
   """Tile side (px, a multiple of 16, at most 256) keeping a tile of all bands under 16 MiB."""
   return int(min(256, max(16, math.isqrt(_TILE_BYTES // (4 * bands)) // 16 * 16)))
+
+
+def output_tile_side(shape: tuple[int, int, int]) -> int:
+  """Tile side of a written (H, W, D) raster: ``tile_side(D)``, smaller for small maps."""
+  height, width, bands = shape
+  return min(tile_side(bands), -(-max(height, width) // 16) * 16)
 
 
 def _tiles(rows: Iterable[np.ndarray], height: int, width: int, side: int,
@@ -249,12 +275,14 @@ def gdal_metadata(items: Mapping[str, str]) -> str:
 def write_rows(path: str | os.PathLike, shape: tuple[int, int, int],
                rows: Iterable[np.ndarray], georef: GeoRef | None,
                metadata: Mapping[str, str] | None = None, *, compression: str = "deflate",
-               nodata: float | None = None, dtype: Any = np.float32) -> None:
+               nodata: float | None = None, dtype: Any = np.float32,
+               level: int | None = None) -> None:
   """Streams row blocks (k, W, D), top to bottom, into a tiled, pixel-interleaved
   GeoTIFF of ``shape`` (H, W, D) (BigTIFF when over 4 GB): ``compression`` deflate, zstd
-  (needs ``imagecodecs``) or none; ``georef`` (None: a plain TIFF); dataset metadata items
-  (GDAL_METADATA, as GDAL writes them); ``nodata`` written as GDAL_NODATA and used to pad edge
-  tiles; ``dtype`` float32 or an integer type (class maps). Memory: one row of tiles."""
+  (needs ``imagecodecs``) or none, at the codec's ``level`` (None: its default); ``georef``
+  (None: a plain TIFF); dataset metadata items (GDAL_METADATA, as GDAL writes them); ``nodata``
+  written as GDAL_NODATA and used to pad edge tiles; ``dtype`` float32 or an integer type
+  (class maps). Memory: one row of tiles."""
   if compression not in COMPRESSIONS:
     raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
   height, width, bands = shape
@@ -263,7 +291,7 @@ def write_rows(path: str | os.PathLike, shape: tuple[int, int, int],
     tags.append((GDAL_METADATA, 2, 0, gdal_metadata(metadata), True))
   if nodata is not None:
     tags.append((GDAL_NODATA, 2, 0, "nan" if math.isnan(nodata) else repr(float(nodata)), True))
-  side = min(tile_side(bands), -(-max(height, width) // 16) * 16)   # small maps: small tiles
+  side = output_tile_side(shape)
   fill = 0.0 if nodata is None else nodata
   codec = _TIFF_COMPRESSION[compression]
   try:
@@ -275,6 +303,7 @@ def write_rows(path: str | os.PathLike, shape: tuple[int, int, int],
                 shape=(height, width) if one else (height, width, bands),
                 dtype=dtype, tile=(side, side), photometric="minisblack",
                 planarconfig=None if one else "contig", compression=codec, metadata=None,
+                compressionargs=None if level is None or codec is None else {"level": level},
                 extratags=tags)
   except (KeyError, ImportError, ModuleNotFoundError) as e:
     if compression != "zstd":

@@ -1,7 +1,8 @@
 """One modality's raster and dates from a GeoTIFF, an HDF5 dataset or a ``.npy`` array (numpy).
 
 A raster is read lazily where the file allows it (an uncompressed GeoTIFF or a ``.npy`` is
-memory-mapped; other files are read once): ``Raster.data`` is a ``Bands`` view that selects
+memory-mapped, a compressed GeoTIFF is read window by window by ``io.raster_backend``; ``.h5``
+datasets are read once): ``Raster.data`` is a ``Bands`` view that selects
 the bands, reshapes a series stored date by date as T*C bands to (T, C, H, W) and turns the
 file's nodata value into NaN, window by window, so a large scene is never copied whole; the
 mapped pages are released after each read, so resident memory does not grow with the file.
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from anysat_jax.core import modalities as mods
-from anysat_jax.io import geotiff
+from anysat_jax.io import geotiff, raster_backend
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 H5_SUFFIXES = (".h5", ".hdf5")
@@ -182,14 +183,15 @@ def _band_index(m: mods.Modality, shape: tuple[int, ...], bands: Sequence[int] |
   return index if t is None else np.arange(t)[:, None] * per + index[None]
 
 
-def _read_array(modality: str, path: str, h5_key: str | None, h5_dates_key: str | None
+def _read_array(modality: str, path: str, h5_key: str | None, h5_dates_key: str | None,
+                backend: str | None = None
                 ) -> tuple[Any, np.ndarray | None, geotiff.GeoRef | None, float | None]:
   """(bands (N, H, W) or (T, C, H, W), dates from the file, georef, nodata)."""
   suffix = os.path.splitext(path)[1].lower()
   if suffix not in H5_SUFFIXES and (h5_key or h5_dates_key):
     raise ValueError(f"{modality}: --h5_key / --h5_dates_key given but {path} is not .h5")
   if suffix in TIFF_SUFFIXES:
-    x, georef, nodata = geotiff.open_bands(path)
+    x, georef, nodata = raster_backend.open_bands(path, backend)
     return x, None, georef, nodata
   if suffix in H5_SUFFIXES:
     import h5py  # optional: only .h5 inputs need it
@@ -214,15 +216,16 @@ def _read_array(modality: str, path: str, h5_key: str | None, h5_dates_key: str 
 
 def read_input(modality: str, path: str, dates: np.ndarray | None = None,
                h5_key: str | None = None, h5_dates_key: str | None = None,
-               bands: Sequence[int] | None = None) -> Raster:
+               bands: Sequence[int] | None = None, backend: str | None = None) -> Raster:
   """Reads one modality from a GeoTIFF, ``.h5`` (dataset ``h5_key``, dates from the dataset
   ``h5_dates_key``: numbers or strings holding dates) or ``.npy`` file, with checks.
 
   ``bands``: the file's 1-based bands feeding the registry's channels, in the registry's order
-  (default: all, when the file has exactly the registry's count per date).
+  (default: all, when the file has exactly the registry's count per date). ``backend``: the
+  GeoTIFF reader (``io.raster_backend``; None: the active one).
   """
   m = mods.get(modality)
-  x, file_dates, georef, nodata = _read_array(modality, path, h5_key, h5_dates_key)
+  x, file_dates, georef, nodata = _read_array(modality, path, h5_key, h5_dates_key, backend)
   if file_dates is not None:
     if dates is not None:
       raise ValueError(f"{modality}: dates given twice (--dates and --h5_dates_key)")
@@ -251,7 +254,7 @@ def read_input(modality: str, path: str, dates: np.ndarray | None = None,
       raise ValueError(f"{modality}: {len(dates)} dates for {index.shape[0]} acquisitions in "
                        f"{path}")
     dates = np.asarray(dates, np.float32)
-  base = x.reshape(-1, *x.shape[-2:])
+  base = x if x.ndim == 3 else x.reshape(-1, *x.shape[-2:])   # lazy views are (N, H, W)
   return Raster(Bands(base, index, nodata), dates, georef, nodata)
 
 
