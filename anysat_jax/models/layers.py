@@ -40,6 +40,13 @@ def layer_norm(eps: float, name: str | None = None, dtype: Any = jnp.float32) ->
   return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
 
 
+@jax.checkpoint
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU. Rematerialised: the backward pass keeps only ``x`` and recomputes the
+  rest, where autodiff of the erf would keep several hidden-sized intermediates per block."""
+  return jax.nn.gelu(x, approximate=False)
+
+
 class Mlp(nn.Module):
   """Transformer MLP: Linear(E -> hidden), exact GELU, Linear(hidden -> E) (float32 out)."""
 
@@ -50,7 +57,7 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     dim = x.shape[-1]
     x = dense(self.hidden, self.dtype, "fc1")(x)
-    x = jax.nn.gelu(x, approximate=False)
+    x = gelu(x)
     return dense(dim, self.dtype, "fc2", f32_out=True)(x)
 
 
