@@ -7,9 +7,9 @@
    its steps/s over the last ``steps`` steps from its progress line (the loop's own clock, which
    leaves compiles out; every bucket is compiled within the first ``warm`` steps).
 2. Replays the same steps (the data mixture is deterministic: same buckets, batches and masks)
-   from a fresh state through the same compiled step (a persistent compilation cache spares the
-   recompiles), with the batch and masks on the device before the clock starts, timing each step
-   to ``block_until_ready``.
+   from a fresh state through the same step, compiled per bucket before the clock starts (a
+   persistent compilation cache spares the recompiles), with the batch and masks on the device
+   before the clock starts, timing each step to ``block_until_ready``.
 
 Prints ``loop <x> steps/s, isolated step <y> steps/s, ratio <x / y>``: below 1, the loop loses
 time outside the compiled step (host batch and mask preparation, transfers, metrics).
@@ -88,6 +88,7 @@ def isolated_rate(config: ml_collections.ConfigDict, warm: int) -> float:
   state = jax.jit(task.init_state, out_shardings=state_sharding)()
   step_fn = task.jit_step(state_sharding, lambda _: None)
   batch_sharding = sharding.batch_sharding(mesh)
+  compiled: dict[tuple, object] = {}      # bucket signature -> executable, compiled untimed
   total = 0.0
   with jax.set_mesh(mesh):
     for step in range(config.total_steps):
@@ -100,8 +101,11 @@ def isolated_rate(config: ml_collections.ConfigDict, warm: int) -> float:
       masks = train.host_masks(config, step, b, side)
       gbatch = jax.block_until_ready(sharding.global_batch(batch, batch_sharding))
       gmasks = jax.block_until_ready(sharding.global_batch(masks, batch_sharding))
+      key = (patch, *((k, v.shape, v.dtype) for k, v in sorted({**gbatch, **gmasks}.items())))
+      if key not in compiled:
+        compiled[key] = step_fn.lower(state, gbatch, gmasks, patch_size=patch).compile()
       t0 = time.perf_counter()
-      state, metrics = step_fn(state, gbatch, gmasks, patch_size=patch)
+      state, metrics = compiled[key](state, gbatch, gmasks)
       jax.block_until_ready((state, metrics))
       if step >= warm:
         total += time.perf_counter() - t0
