@@ -34,10 +34,22 @@ def dense(features: int, dtype: Any, name: str, *, f32_out: bool = False,
                   **kwargs)
 
 
-def layer_norm(eps: float, name: str | None = None, dtype: Any = jnp.float32) -> nn.LayerNorm:
+# LayerNorm rematerialised: its backward pass keeps only the input and recomputes the centred
+# values and statistics, where autodiff would keep two or three more token-sized arrays per norm.
+_RematLayerNorm = nn.remat(nn.LayerNorm)
+
+
+def layer_norm(eps: float, name: str | None = None, dtype: Any = jnp.float32) -> nn.Module:
   """LayerNorm with an explicit eps and the two-pass variance of the reference; statistics in
-  float32, output in ``dtype``."""
-  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
+  float32, output in ``dtype``; rematerialised (same parameters and values as ``nn.LayerNorm``)."""
+  return _RematLayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
+
+
+@jax.checkpoint
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU. Rematerialised: the backward pass keeps only ``x`` and recomputes the
+  rest, where autodiff of the erf would keep several hidden-sized intermediates per block."""
+  return jax.nn.gelu(x, approximate=False)
 
 
 class Mlp(nn.Module):
@@ -50,7 +62,7 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     dim = x.shape[-1]
     x = dense(self.hidden, self.dtype, "fc1")(x)
-    x = jax.nn.gelu(x, approximate=False)
+    x = gelu(x)
     return dense(dim, self.dtype, "fc2", f32_out=True)(x)
 
 

@@ -53,7 +53,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = layers.dense(self.hidden, self.dtype, "fc1", kernel_init=_normal(INIT_STD))(x)
-    h = jax.nn.gelu(h, approximate=False)
+    h = layers.gelu(h)
     return layers.dense(x.shape[-1], self.dtype, "fc2", f32_out=True,
                         kernel_init=_normal(self.out_std))(h)
 

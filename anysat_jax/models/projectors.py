@@ -39,17 +39,17 @@ class VHRProjector(nn.Module):
     b, c, h, w = x.shape
     dim = self.cfg.widths[0]
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, c, dim))
-    hc, wc = h // k, w // k
-    # Conv with stride = kernel is one matmul over non-overlapping k x k windows.
-    x = x[:, :, :hc * k, :wc * k].reshape(b, c, hc, k, wc, k)
-    x = jnp.einsum("bcikjl,klcd->bijd", x.astype(self.dtype), kernel.astype(self.dtype),
-                   preferred_element_type=jnp.float32)
     g = m.cells_per_10m()
-    n = hc // (g * scale)
-    x = x[:, :n * scale * g, :n * scale * g]
-    x = x.reshape(b, n, scale, g, n, scale, g, dim)
-    # (b, pr, a, c, pc, b', d, E) -> (b, pr, pc, a, b', c, d, E): blocked token order.
-    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b * n * n, (scale * g) ** 2, dim)
+    n = (h // k) // (g * scale)
+    # Conv with stride = kernel is one matmul over non-overlapping k x k windows. Only the conv
+    # cells of whole patches are used; the windows are gathered in the blocked token order
+    # (b, pr, pc, a, b', c, d) (row = (pr, a, c), column = (pc, b', d)) before the matmul, so
+    # its result needs no transpose.
+    px = n * scale * g * k
+    x = x[:, :, :px, :px].reshape(b, c, n, scale, g, k, n, scale, g, k)
+    x = jnp.einsum("bCpacKqedL,KLCD->bpqaecdD", x.astype(self.dtype),
+                   kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+    x = x.reshape(b * n * n, (scale * g) ** 2, dim)
     for j, width in enumerate(self.cfg.widths[1:]):
       x = layers.dense(width, self.dtype, f"fc_{j}", f32_out=True)(x)
       x = nn.relu(layers.layer_norm(1e-5, name=f"ln_{j}")(x))

@@ -1,0 +1,146 @@
+"""Side-by-side speed and memory against the official PyTorch AnySat (``bench --reference``).
+
+  python -m anysat_jax.bench --reference --torch_python /tmp/torchref/bin/python \
+      --reference_script /path/to/bench_reference.py [--rounds 3] [--repeats 3]
+
+Runs, in separate processes so that each peak resident memory (``ru_maxrss``) is its own, the
+official model's scenarios through its benchmark script (run by ``--torch_python``; the official
+code is never imported here), this project's matching ``bench`` scenarios in float32 and
+bfloat16, and a 2048 x 2048 matmul with XLA (float32, bfloat16) and torch (float32). The jobs
+are interleaved (A B C ... A B C ...) for ``--rounds`` rounds and each number is the median over
+rounds of the per-round median, so that a slow spell of a shared machine hits every column.
+Prints one table: both models' seconds per batch and peak RSS, the speed ratio (reference time /
+ours: > 1 is faster) and the memory ratio (ours / reference: < 1 is smaller), and the matmul peaks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+MATMUL_N = 2048
+# (row label, reference scenario, our scenario, our dtype)
+PAIRS = (
+    ("tiny fwd+bwd b8", "treesat_tiny_train_fwd_bwd", "tiny_treesat_b8_fwd_bwd", "float32"),
+    ("base forward b8", "treesat_base_eval", "base_treesat_b8", "float32"),
+    ("base forward b8", "treesat_base_eval", "base_treesat_b8", "bfloat16"),
+)
+
+TORCH_MATMUL = f"""
+import json, time, torch
+torch.set_num_threads(2)
+n = {MATMUL_N}
+a, b = torch.randn(n, n), torch.randn(n, n)
+a @ b
+times = []
+for _ in range(5):
+  t0 = time.perf_counter(); a @ b; times.append(time.perf_counter() - t0)
+print(json.dumps(dict(gflops=2 * n ** 3 / min(times) / 1e9)))
+"""
+
+
+def _last_json(text: str) -> dict[str, Any]:
+  return json.loads(text.strip().splitlines()[-1])
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+  return subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+
+
+def run_ours(scenario: str, dtype: str, repeats: int) -> dict[str, Any]:
+  """One of our scenarios in a fresh process: {'s': seconds per batch, 'rss': MiB}."""
+  p = _run([sys.executable, "-m", "anysat_jax.tools.bench_run", scenario, "--dtype", dtype,
+            "--repeats", str(repeats)])
+  if p.returncode:
+    raise RuntimeError(f"{scenario} ({dtype}) failed:\n{p.stderr[-2000:]}")
+  r = _last_json(p.stdout)
+  return dict(s=r["s_per_batch"], rss=r["peak_rss_mib"])
+
+
+def run_reference(python: str, script: str, ref_dir: str | None, scenario: str,
+                  repeats: int) -> dict[str, Any]:
+  """One official scenario through its benchmark script (a fresh process per scenario)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "ref.json")
+    cmd = [python, script, "--only", scenario, "--runs", str(repeats), "--warmup", "1",
+           "--out", out]
+    if ref_dir:
+      cmd += ["--ref", ref_dir]
+    p = _run(cmd)
+    if p.returncode or not os.path.exists(out):
+      raise RuntimeError(f"reference {scenario} failed:\n{p.stdout[-1000:]}{p.stderr[-2000:]}")
+    with open(out) as f:
+      r = json.load(f)["results"][scenario]
+  if "error" in r:
+    raise RuntimeError(f"reference {scenario}: {r['error']}")
+  return dict(s=r["median_s"], rss=r["peak_rss_mib"])
+
+
+def run_matmul(python: str | None) -> dict[str, float]:
+  """XLA float32 / bfloat16 and (with ``python``) torch float32 matmul GFLOP/s."""
+  out = {}
+  for dtype in ("float32", "bfloat16"):
+    p = _run([sys.executable, "-m", "anysat_jax.tools.bench_run", "--matmul", dtype])
+    out[f"xla {dtype}"] = _last_json(p.stdout)["gflops"] if not p.returncode else float("nan")
+  if python:
+    p = _run([python, "-c", TORCH_MATMUL])
+    out["torch float32"] = _last_json(p.stdout)["gflops"] if not p.returncode else float("nan")
+  return out
+
+
+def cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return "unknown CPU"
+
+
+def _keep(jobs: dict, key: tuple[str, ...], result: dict[str, float]) -> None:
+  """Adds a job's result and logs it (stderr) as it comes."""
+  jobs.setdefault(key, []).append(result)
+  print(f"  {' '.join(key)}: {json.dumps(result)}", file=sys.stderr, flush=True)
+
+
+def compare(torch_python: str | None, script: str | None, ref_dir: str | None = None,
+            rounds: int = 3, repeats: int = 3) -> int:
+  """Runs the interleaved rounds and prints the table; 0 on success."""
+  with_ref = bool(torch_python and script and os.path.exists(script)
+                  and os.path.exists(torch_python))
+  if not with_ref:
+    print("reference not available (give --torch_python and --reference_script): "
+          "timing this project only", flush=True)
+  jobs: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+  for _ in range(rounds):
+    done = set()       # the reference's base forward serves both dtypes of ours
+    for _, ref, ours, dtype in PAIRS:
+      if with_ref and ref not in done:
+        _keep(jobs, ("ref", ref), run_reference(torch_python, script, ref_dir, ref, repeats))
+        done.add(ref)
+      _keep(jobs, ("ours", ours, dtype), run_ours(ours, dtype, repeats))
+    _keep(jobs, ("matmul",), run_matmul(torch_python if with_ref else None))
+  med = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in jobs.items()}
+  spread = {k: (min(x["s"] for x in v), max(x["s"] for x in v))
+            for k, v in jobs.items() if k[0] != "matmul"}
+  print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs; medians of {rounds} interleaved "
+        f"rounds x {repeats} timed runs", flush=True)
+  print(f"{'scenario':18s} {'dtype':9s} {'ref s':>7s} {'ours s':>7s} {'speed x':>7s} "
+        f"{'ref MiB':>8s} {'ours MiB':>8s} {'mem x':>6s}  ours s min-max", flush=True)
+  for label, ref, ours, dtype in PAIRS:
+    o = med[("ours", ours, dtype)]
+    rr = med.get(("ref", ref), dict(s=float("nan"), rss=float("nan")))
+    lo, hi = spread[("ours", ours, dtype)]
+    print(f"{label:18s} {dtype:9s} {rr['s']:7.3f} {o['s']:7.3f} {rr['s'] / o['s']:7.2f} "
+          f"{rr['rss']:8.0f} {o['rss']:8.0f} {o['rss'] / rr['rss']:6.2f}  {lo:.3f}-{hi:.3f}",
+          flush=True)
+  peaks = ", ".join(f"{k} {v:.0f}" for k, v in med[("matmul",)].items())
+  print(f"matmul {MATMUL_N}^2 GFLOP/s: {peaks}", flush=True)
+  return 0
