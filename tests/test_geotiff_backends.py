@@ -186,19 +186,15 @@ def test_window_reads_of_a_compressed_scene_are_bounded(tmp_path):
 
 
 def test_the_backend_is_chosen_in_one_place(monkeypatch):
-  """``use`` over ``$ANYSAT_RASTER_BACKEND`` over the default (rasterio, installed here)."""
+  """The caller's choice over ``$ANYSAT_RASTER_BACKEND`` over the default (rasterio, installed
+  here)."""
   monkeypatch.delenv(raster_backend.ENV, raising=False)
   assert raster_backend.active() == "rasterio"
   monkeypatch.setenv(raster_backend.ENV, "tifffile")
   assert raster_backend.active() == "tifffile"
-  raster_backend.use("rasterio")
-  try:
-    assert raster_backend.active() == "rasterio"
-  finally:
-    raster_backend.use(None)
-  assert raster_backend.active() == "tifffile"
+  assert raster_backend.active("rasterio") == "rasterio"
   monkeypatch.setenv(raster_backend.ENV, "gdal")
   with pytest.raises(ValueError, match=r"ANYSAT_RASTER_BACKEND must be one of"):
     raster_backend.active()
   with pytest.raises(ValueError, match="raster backend must be one of"):
-    raster_backend.use("gdal")
+    raster_backend.active("gdal")

@@ -16,8 +16,9 @@ scene:
   A CRS rasterio cannot express (no WKT, no EPSG code) is written by tifffile.
 
 Cloud-optimized output is ``io.cog`` with either backend (GDAL's COG driver copies a whole
-dataset; ``io.cog`` streams). The choice: ``use(name)``, else the ``ANYSAT_RASTER_BACKEND``
-environment variable (``rasterio`` or ``tifffile``), else rasterio if it is installed.
+dataset; ``io.cog`` streams). The choice (``active``): the caller's ``backend`` argument, else
+the ``ANYSAT_RASTER_BACKEND`` environment variable (``rasterio`` or ``tifffile``), else
+rasterio if it is installed.
 """
 
 from __future__ import annotations
@@ -39,26 +40,18 @@ BACKENDS = ("rasterio", "tifffile")
 ENV = "ANYSAT_RASTER_BACKEND"
 GDAL_CACHE_MIB = 64
 _RIO_COMPRESSION = {"deflate": "DEFLATE", "zstd": "ZSTD", "none": None}
-_choice: str | None = None
 log = logging.getLogger(__name__)
 
 
-def use(name: str | None) -> None:
-  """Selects the backend for this process (None: back to the default choice)."""
-  if name is not None and name not in BACKENDS:
-    raise ValueError(f"raster backend must be one of {BACKENDS}, got {name!r}")
-  global _choice
-  _choice = name
-
-
-def active() -> str:
-  """The backend in use: ``use``'s choice, else ``$ANYSAT_RASTER_BACKEND``, else rasterio
-  when installed, else tifffile."""
-  name = _choice or os.environ.get(ENV) or None
+def active(name: str | None = None) -> str:
+  """The backend to use: ``name`` if given, else ``$ANYSAT_RASTER_BACKEND``, else rasterio when
+  installed, else tifffile."""
+  source = "raster backend" if name else f"${ENV}"
+  name = name or os.environ.get(ENV) or None
   if name is None:
     return "rasterio" if importlib.util.find_spec("rasterio") is not None else "tifffile"
   if name not in BACKENDS:
-    raise ValueError(f"${ENV} must be one of {BACKENDS}, got {name!r}")
+    raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
   if name == "rasterio" and importlib.util.find_spec("rasterio") is None:
     raise ValueError("the rasterio raster backend was asked for but rasterio is not installed "
                      "(pip install rasterio)")
@@ -124,7 +117,7 @@ def open_bands(path: str | os.PathLike, backend: str | None = None
   the GDAL_NODATA value or None) of a GeoTIFF; ``backend`` None: ``active()``. With rasterio
   the georeference also holds the CRS as WKT."""
   path = os.fspath(path)
-  if (backend or active()) == "tifffile":
+  if active(backend) == "tifffile":
     return geotiff.open_bands(path)
   georef, nodata, mappable = geotiff.read_header(path)
   view = RasterioWindows(path)
@@ -202,7 +195,7 @@ def write_rows(path: str | os.PathLike, shape: tuple[int, int, int],
   ``active()``. Memory: one row of tiles (and GDAL's block cache, capped, with rasterio)."""
   if compression not in geotiff.COMPRESSIONS:
     raise ValueError(f"compression must be one of {geotiff.COMPRESSIONS}, got {compression!r}")
-  name = backend or active()
+  name = active(backend)
   if name == "rasterio" and georef is not None and georef.crs_tags and not georef.wkt \
       and georef.epsg is None:
     log.info("%s: the CRS has no WKT nor EPSG code for GDAL; writing it with tifffile, its "
