@@ -1,6 +1,6 @@
 """Side-by-side speed and memory against the official PyTorch AnySat (``bench --reference``).
 
-  python -m anysat_jax.bench --reference --torch_python /tmp/torchref/bin/python \
+  python -m anysat_jax.bench --reference --torch_python PY \
       --reference_script /path/to/bench_reference.py [--rounds 3] [--repeats 3]
 
 Runs, in separate processes so that each peak resident memory (``ru_maxrss``) is its own, the
