@@ -31,7 +31,7 @@ from anysat_jax.io import geotiff
 
 OUTPUTS = ("tile", "patch", "dense", "cog")
 DIM = dict(dim=64, depth=1, num_heads=4, spatial_depth=1, spatial_heads=4)
-_EPSG_32631 = ((geotiff.GEO_KEY_DIRECTORY, 3, 16,
+EPSG_32631 = ((geotiff.GEO_KEY_DIRECTORY, 3, 16,
                 (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32631)),)
 
 
@@ -39,7 +39,7 @@ def make_scene(path: str, px: int, dates: int, seed: int = 0) -> None:
   """A px x px Sentinel-2 GeoTIFF (EPSG:32631, 10 m), ``dates`` x 10 uint16 bands, written
   strip by strip into a memory-mapped file."""
   bands = 10 * dates
-  ref = geotiff.GeoRef(500000.0, 5000000.0, 10.0, 10.0, crs_tags=_EPSG_32631)
+  ref = geotiff.GeoRef(500000.0, 5000000.0, 10.0, 10.0, crs_tags=EPSG_32631)
   tifffile.imwrite(path, shape=(px, px, bands), dtype=np.uint16, photometric="minisblack",
                    planarconfig="contig", bigtiff=px * px * bands * 2 > 2**31,
                    extratags=ref.tags(), metadata=None)
@@ -72,7 +72,7 @@ def _child(args: argparse.Namespace) -> int:
   return 0
 
 
-def _status(pid: int) -> dict[str, int]:
+def process_memory(pid: int) -> dict[str, int]:
   """VmHWM, RssAnon, RssFile of a process, kB."""
   out = {}
   with open(f"/proc/{pid}/status") as f:
@@ -96,7 +96,7 @@ def measure(scene: str, output: str, args: argparse.Namespace, out: str) -> dict
   def poll():
     while proc.poll() is None:
       try:
-        for k, v in _status(proc.pid).items():
+        for k, v in process_memory(proc.pid).items():
           peak[k] = max(peak[k], v)
       except (OSError, ValueError):
         pass

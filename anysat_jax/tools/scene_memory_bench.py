@@ -33,11 +33,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from anysat_jax.io import geotiff, raster_backend, tiff_windows
+from anysat_jax.models.config import SIZES
+from anysat_jax.tools.embed_bench import EPSG_32631, process_memory
 
 BANDS = 10                 # Sentinel-2 bands per date
-_EPSG_32631 = ((geotiff.GEO_KEY_DIRECTORY, 3, 16,
-                (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32631)),)
-_DIM = {"tiny": 256, "small": 384, "base": 768}
 _COUNT_BLOCK = 512         # inference.embed counts missing values in 512 x 512 px blocks
 
 
@@ -60,20 +59,9 @@ def _strips(px: int, dates: int, seed: int, rows: int = 128) -> Iterator[np.ndar
 
 def make_scene(path: str, px: int, dates: int = 1, seed: int = 0) -> None:
   """The benchmark's scene (see the module docstring), streamed into ``path``."""
-  ref = geotiff.GeoRef(500000.0, 5000000.0, 10.0, 10.0, crs_tags=_EPSG_32631)
+  ref = geotiff.GeoRef(500000.0, 5000000.0, 10.0, 10.0, crs_tags=EPSG_32631)
   geotiff.write_rows(path, (px, px, dates * BANDS), _strips(px, dates, seed), ref,
                      compression="deflate", nodata=0, dtype=np.uint16, level=1)
-
-
-def _status(pid: int) -> dict[str, int]:
-  """VmHWM, RssAnon, RssFile of a process, kB."""
-  out = {}
-  with open(f"/proc/{pid}/status") as f:
-    for line in f:
-      key, _, value = line.partition(":")
-      if key in ("VmHWM", "RssAnon", "RssFile"):
-        out[key] = int(value.split()[0])
-  return out
 
 
 def measure(cmd: list[str], log_path: str, limit_s: float | None = None) -> dict:
@@ -85,7 +73,7 @@ def measure(cmd: list[str], log_path: str, limit_s: float | None = None) -> dict
   trace, last = [], 0.0          # (seconds, resident MiB) every 10 s: is it flat?
   while proc.poll() is None:
     try:
-      status = _status(proc.pid)
+      status = process_memory(proc.pid)
       for k, v in status.items():
         peak[k] = max(peak[k], v)
       if time.time() - last >= 10:
@@ -119,7 +107,7 @@ def scene_terms(args: argparse.Namespace, px: int) -> dict[str, float]:
   blender's row of windows and the writer's row of tiles."""
   win = round(args.tile_m / 10)
   per_side = -(-(px - win) // win) + 1
-  dim = _DIM[args.size]
+  dim = SIZES[args.size]["dim"]
   terms = {"count block": args.dates * BANDS * _COUNT_BLOCK**2 * 5 / 2**20,
            "reader cache": float(raster_backend.GDAL_CACHE_MIB if args.raster_backend ==
                                  "rasterio" else tiff_windows.CACHE_MIB)}
@@ -150,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
   add = parser.add_argument
   add("--px", type=int, default=10000, help="scene side, pixels (10 m)")
   add("--dates", type=int, default=1, help="Sentinel-2 dates")
-  add("--size", default="tiny", choices=tuple(_DIM), help="random-init model size")
+  add("--size", default="tiny", choices=tuple(SIZES), help="random-init model size")
   add("--output", default="tile", choices=("tile", "dense"))
   add("--tile_m", type=float, default=1280.0, help="window side, metres")
   add("--patch_size", type=int, default=40, help="patch side, metres")
