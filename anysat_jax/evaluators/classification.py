@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 
 from anysat_jax import sharding
 from anysat_jax.evaluators import figures, metrics
+from anysat_jax.models import xla_options
 from anysat_jax.models.config import EncoderConfig
 from anysat_jax.models.validation import validate_inputs
 from input_pipeline import loader
@@ -64,7 +65,7 @@ class ClassificationEvaluator:
     self.every_steps = spec.get("every_steps")
     self.num_figures = int(spec.get("num_figures", 0)) if self.collects_tiles else 0
     self._config, self._task, self._sharding, self._enc_cfg = config, task, batch_sharding, enc_cfg
-    self._step = jax.jit(task.eval_step)
+    self._step = jax.jit(task.eval_step, compiler_options=xla_options.forward())
     self._validated: set = set()
 
   def due(self, step: int, total: int, per_epoch: int) -> bool:

@@ -26,6 +26,7 @@ import numpy as np
 from anysat_jax.checkpoints import convert
 from anysat_jax.core import modalities as mods
 from anysat_jax.inference import pretrained
+from anysat_jax.models import xla_options
 from anysat_jax.models.config import EncoderConfig, encoder_config, override
 from anysat_jax.models.encoder import AnySatEncoder, select_output
 from anysat_jax.models.validation import count_nonfinite, validate_inputs
@@ -60,7 +61,8 @@ class AnySat:
     self.params = params
     self.num_compiles = 0
     self._features = jax.jit(self._traced_features,
-                             static_argnames=("order", "patch_size", "dense_modality"))
+                             static_argnames=("order", "patch_size", "dense_modality"),
+                             compiler_options=xla_options.forward())
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> AnySat:

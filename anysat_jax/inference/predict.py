@@ -38,7 +38,7 @@ from anysat_jax.checkpoints import manager as ckpt
 from anysat_jax.core import modalities as mods
 from anysat_jax.inference import embed, tiling
 from anysat_jax.io import atomic, geotiff, raster_backend
-from anysat_jax.models import heads
+from anysat_jax.models import heads, xla_options
 from anysat_jax.tasks import schedules
 from anysat_jax.tasks.finetune import FinetuneTask
 from input_pipeline import naming
@@ -170,7 +170,7 @@ class Predictor:
         y = heads.resize_logits(y, (side, side))
       return y
 
-    self._logits = jax.jit(logits)
+    self._logits = jax.jit(logits, compiler_options=xla_options.forward())
 
   def __call__(self, batch: dict[str, np.ndarray], patch_size: int, output: str,
                output_modality: str | None, *, raster_dense: bool = True) -> np.ndarray:

@@ -61,8 +61,8 @@ class Block(nn.Module):
     x = x + SelfAttention(self.num_heads, self.mode, self.dtype, self.attention_impl,
                           name="attn")(y)
     hidden = int(x.shape[-1] * self.mlp_ratio)
-    return x + layers.Mlp(hidden, self.dtype, name="mlp")(layers.layer_norm(1e-6, "norm2",
-                                                                            self.dtype)(x))
+    y = layers.layer_norm(1e-6, "norm2", self.dtype)(x)
+    return x + layers.Mlp(hidden, self.dtype, name="mlp")(y)
 
 
 class CrossAttention(nn.Module):
@@ -119,19 +119,19 @@ class CrossBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, side: int, scale: int, num_grids: int,
                num_special: int, positions: jax.Array | None = None) -> jax.Array:
+    y = layers.layer_norm(1e-6, "norm1", self.dtype)(x)
     z = CrossAttention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
-        layers.layer_norm(1e-6, "norm1", self.dtype)(x), side, scale, num_grids, num_special,
-        positions)
+        y, side, scale, num_grids, num_special, positions)
     hidden = int(z.shape[-1] * self.mlp_ratio)
-    return z + layers.Mlp(hidden, self.dtype, name="mlp")(layers.layer_norm(1e-6, "norm2",
-                                                                            self.dtype)(z))
+    y = layers.layer_norm(1e-6, "norm2", self.dtype)(z)
+    return z + layers.Mlp(hidden, self.dtype, name="mlp")(y)
 
 
 class Combiner(nn.Module):
   """``depth`` self-attention blocks then the cross block. Returns (B, 1 + N, E).
 
   ``dtype``: matmul dtype (see ``layers``); ``remat``: recompute each block's activations in the
-  backward pass instead of storing them.
+  backward pass instead of storing them (without it, only the cheap ones: ``layers.block_remat``).
   """
 
   depth: int
@@ -148,10 +148,9 @@ class Combiner(nn.Module):
     """x: (B, 1 + [1] + num_grids * K, E) = class token, optional MODIS context token, then
     each modality's K patch tokens (the full grid, K = side**2, or the patches at
     ``positions`` (B, K)). Returns (B, 1 + K, E)."""
-    block, cross = Block, CrossBlock
-    if self.remat:
-      # The grid geometry (side, scale, num_grids, num_special) is static.
-      block, cross = nn.remat(Block), nn.remat(CrossBlock, static_argnums=(2, 3, 4, 5))
+    block = layers.block_remat(Block, full=self.remat)
+    # The grid geometry (side, scale, num_grids, num_special) is static.
+    cross = layers.block_remat(CrossBlock, full=self.remat, static_argnums=(2, 3, 4, 5))
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_ratio, self.mode, self.dtype, self.attention_impl,
                 name=f"block_{i}")(x)

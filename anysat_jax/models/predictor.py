@@ -75,8 +75,8 @@ class Block(nn.Module):
     x = x + Attention(self.num_heads, std, self.dtype, self.attention_impl, name="attn")(
         y, key_mask)
     hidden = int(x.shape[-1] * self.mlp_ratio)
-    return x + Mlp(hidden, std, self.dtype, name="mlp")(layers.layer_norm(1e-5, "norm2",
-                                                                          self.dtype)(x))
+    y = layers.layer_norm(1e-5, "norm2", self.dtype)(x)
+    return x + Mlp(hidden, std, self.dtype, name="mlp")(y)
 
 
 class Predictor(nn.Module):
@@ -90,7 +90,8 @@ class Predictor(nn.Module):
     dtype: matmul dtype of the blocks (see ``layers``); the embedding, the output projection,
       the residual stream and the output are float32.
     attention_impl: see ``layers.attention``.
-    remat: recompute each block's activations in the backward pass.
+    remat: recompute each block's activations in the backward pass (without it, only the
+      cheap ones: ``layers.block_remat``).
   """
 
   dim: int = 256
@@ -133,7 +134,7 @@ class Predictor(nn.Module):
     if tgt_valid is not None:
       key_mask = jnp.concatenate([jnp.ones((t, b, 1 + k_ctx), bool), tgt_valid.astype(bool)],
                                  axis=2).reshape(t * b, -1)
-    block = nn.remat(Block) if self.remat else Block
+    block = layers.block_remat(Block, full=self.remat)
     for i in range(self.depth):
       seq = block(self.num_heads, i + 1, self.mlp_ratio, self.dtype, self.attention_impl,
                   name=f"block_{i}")(seq, key_mask)

@@ -144,7 +144,7 @@ class LTAEProjector(nn.Module):
     logits = logits / jnp.sqrt(jnp.asarray(cfg.d_k, logits.dtype))
     if where is not None:
       logits = jnp.where(where[:, None, :], logits, jnp.finfo(logits.dtype).min)
-    attn = jax.nn.softmax(logits, axis=-1)
+    attn = layers.softmax(logits)
     attn = self.attn_dropout(attn, deterministic=deterministic)
     p, _, e = seq.shape
     values = seq.reshape(p, -1, cfg.n_head, e // cfg.n_head)

@@ -70,9 +70,10 @@ class SpatialEncoder(nn.Module):
   """Encodes each patch's K sub-patch tokens (width ``dim``) into one patch token.
 
   ``dtype``: matmul dtype (see ``layers``); ``remat``: recompute each block's activations in the
-  backward pass instead of storing them; ``chunk_tokens`` > 0: run the patches in chunks of at
-  most that many tokens, each chunk rematerialised as a whole (``layers.chunked_map``; then
-  ``remat`` is implied).
+  backward pass instead of storing them (without it, only the cheap ones:
+  ``layers.block_remat``); ``chunk_tokens`` > 0: run the patches in chunks of at most that many
+  tokens, each chunk rematerialised as a whole (``layers.chunked_map``; then ``remat`` is
+  implied).
   """
 
   dim: int
@@ -85,7 +86,7 @@ class SpatialEncoder(nn.Module):
   chunk_tokens: int = 0
 
   def setup(self):
-    block = nn.remat(RPEBlock) if self.remat and not self.chunk_tokens else RPEBlock
+    block = layers.block_remat(RPEBlock, full=self.remat and not self.chunk_tokens)
     # A list attribute names its modules block_0, block_1, ...
     self.block = [block(self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl)
                   for _ in range(self.depth)]

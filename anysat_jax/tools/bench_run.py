@@ -25,6 +25,7 @@ import numpy as np
 
 from anysat_jax import AnySat
 from anysat_jax.checkpoints import convert
+from anysat_jax.models import xla_options
 from anysat_jax.models.config import encoder_config
 from anysat_jax.tasks import pretrain as train
 
@@ -75,7 +76,8 @@ def run_scenario(name: str, repeats: int, dtype: str = "float32") -> dict:
   if mode == "train step":
     return _time_train_step(name, size, batch, patch, inputs, repeats, dtype)
   if mode == "forward":
-    fn = jax.jit(lambda p, x: model.apply(p, x, patch, "tile"))
+    fn = jax.jit(lambda p, x: model.apply(p, x, patch, "tile"),
+                 compiler_options=xla_options.forward())
   else:
     fn = jax.jit(jax.grad(lambda p, x: model.apply(p, x, patch, "tile").sum()))
   t0 = time.perf_counter()

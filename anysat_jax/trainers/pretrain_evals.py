@@ -23,6 +23,7 @@ import jax
 import ml_collections
 
 from anysat_jax.evaluators import knn, pretrain_loss
+from anysat_jax.models import xla_options
 from anysat_jax.tasks import optim
 from anysat_jax.tasks import pretrain as train
 from anysat_jax.tasks.state import TrainState
@@ -41,11 +42,12 @@ class PretrainEvals:
     self.monitors: list[tuple[str, int, knn.MonitorSet]] = []
     with quiet_libraries():
       self._read(config)
-    self._loss = jax.jit(task.val_loss, static_argnames=("patch_size",))
+    self._loss = jax.jit(task.val_loss, static_argnames=("patch_size",),
+                         compiler_options=xla_options.forward())
     self._embed = jax.jit(
         lambda teacher, inputs, patch_size: task.teacher.apply(
             {"params": teacher}, inputs, patch_size),
-        static_argnames=("patch_size",))
+        static_argnames=("patch_size",), compiler_options=xla_options.forward())
 
   def _read(self, config: ml_collections.ConfigDict) -> None:
     for name, spec in sorted(config.get("evals", {}).items()):
