@@ -2,12 +2,14 @@
 peak memory for the reference scenarios.
 
   python -m anysat_jax.bench [--scenarios NAME,...] [--repeats 5]
-  python -m anysat_jax.bench --reference --torch_python PY --reference_script bench_reference.py
+  python -m anysat_jax.bench --reference --torch_python PY --reference_dir OFFICIAL_CHECKOUT
   python -m anysat_jax.bench --loop [--config configs/geoplex.py:demo] [--steps 60]
   python -m anysat_jax.bench --compiled [--buckets flair:10,...] [--config configs/geoplex.py]
 
-``--reference`` times the official PyTorch model beside this one, interleaved, and prints both
-with their ratios and the machine's matmul peaks (``anysat_jax.tools.reference_compare``).
+``--reference`` times the official PyTorch model (a checkout of github.com/gastruc/AnySat, run
+by a Python with torch through ``anysat_jax/tools/reference_timing.py``) beside this one,
+interleaved, and prints both with their ratios and the machine's matmul peaks
+(``anysat_jax.tools.reference_compare``).
 
 ``--loop`` runs the pretraining loop and then its compiled step alone on the same steps and
 prints the ratio of their steps/s (``anysat_jax.tools.loop_bench``).
@@ -43,15 +45,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="matmul dtype of the forward / fwd+bwd scenarios")
-  parser.add_argument("--reference", action="store_true",
-                      help="time the official PyTorch model beside ours (reference_compare)")
-  parser.add_argument("--torch_python", default="",
-                      help="--reference: python with torch and the official code's needs")
-  parser.add_argument("--reference_script", default="",
-                      help="--reference: the official model's benchmark script")
-  parser.add_argument("--reference_dir", default="",
-                      help="--reference: the official code (default: the script's own)")
-  parser.add_argument("--rounds", type=int, default=3, help="--reference: interleaved rounds")
+  reference_compare.add_options(parser)
   parser.add_argument("--compiled", action="store_true",
                       help="compile the train step of every bucket; print temp memory, FLOPs")
   parser.add_argument("--config", default=None,
@@ -65,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--buckets", default="",
                       help="--compiled: only these dataset:patch buckets, comma-separated")
   args = parser.parse_args(argv)
+  reference_compare.check_options(parser, args)
   if args.loop:
     path, _, variant = (args.config or CONFIG_FILE + ":demo").partition(":")
     return loop_bench.report(compiled_bench.load_config(path, variant or None), args.warm,
@@ -76,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     return compiled_bench.report(config, only)
   if args.reference:
     return reference_compare.compare(args.torch_python, args.reference_script,
-                                     args.reference_dir or None, args.rounds, args.repeats)
+                                     args.reference_dir, args.rounds, args.repeats)
   rows = []
   header = (f"{'scenario':28s} {'config':6s} {'mode':22s} {'batch':>5s} {'s/batch':>8s} "
             f"{'tiles/s':>8s} {'compile s':>9s} {'peak RSS MiB':>12s}  device")

@@ -1,22 +1,27 @@
 """Side-by-side speed and memory against the official PyTorch AnySat (``bench --reference``).
 
-  python -m anysat_jax.bench --reference --torch_python PY \
-      --reference_script /path/to/bench_reference.py [--rounds 3] [--repeats 3]
+  python -m anysat_jax.bench --reference --torch_python PY --reference_dir OFFICIAL_CHECKOUT \
+      [--rounds 3] [--repeats 3] [--reference_script SCRIPT]
 
 Runs, in separate processes so that each peak resident memory (``ru_maxrss``) is its own, the
-official model's scenarios through its benchmark script (run by ``--torch_python``; the official
-code is never imported here), this project's matching ``bench`` scenarios in float32 and
-bfloat16, and a 2048 x 2048 matmul with XLA (float32, bfloat16) and torch (float32). The jobs
-are interleaved (A B C ... A B C ...) for ``--rounds`` rounds and each number is the median over
-rounds of the per-round median, so that a slow spell of a shared machine hits every column.
-Prints one table: both models' seconds per batch and peak RSS, the speed ratio (reference time /
-ours: > 1 is faster) and the memory ratio (ours / reference: < 1 is smaller), and the matmul peaks.
+official model's scenarios through ``anysat_jax/tools/reference_timing.py`` (or another
+``--reference_script`` with its command line), run by ``--torch_python`` on the official
+checkout ``--reference_dir`` (github.com/gastruc/AnySat, the folder of its ``hubconf.py``; the
+official code is never imported here nor copied into this project), this project's matching
+``bench`` scenarios in float32 and bfloat16, and a 2048 x 2048 matmul with XLA (float32,
+bfloat16) and torch (float32). The jobs are interleaved (A B C ... A B C ...) for ``--rounds``
+rounds and each number is the median over rounds of the per-round median, so that a slow spell
+of a shared machine hits every column. Prints one table: both models' seconds per batch and peak
+RSS, the speed ratio (reference time / ours: > 1 is faster) and the memory ratio (ours /
+reference: < 1 is smaller), and the matmul peaks.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -24,6 +29,8 @@ import tempfile
 from typing import Any
 
 MATMUL_N = 2048
+# This project's timing script for the official model (run by the torch Python, not this one).
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_timing.py")
 # (row label, reference scenario, our scenario, our dtype)
 PAIRS = (
     ("tiny fwd+bwd b8", "treesat_tiny_train_fwd_bwd", "tiny_treesat_b8_fwd_bwd", "float32"),
@@ -52,6 +59,41 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
   return subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
 
 
+def add_options(parser: argparse.ArgumentParser) -> None:
+  """``bench``'s ``--reference`` options."""
+  parser.add_argument("--reference", action="store_true",
+                      help="time the official PyTorch model beside ours (reference_compare)")
+  parser.add_argument("--torch_python", default="",
+                      help="--reference (required): a python with torch and the official "
+                           "code's needs")
+  parser.add_argument("--reference_dir", default="",
+                      help="--reference (required): the official AnySat checkout "
+                           "(github.com/gastruc/AnySat), the folder of its hubconf.py")
+  parser.add_argument("--reference_script", default=SCRIPT,
+                      help="--reference: the official model's timing script (default: this "
+                           "project's anysat_jax/tools/reference_timing.py)")
+  parser.add_argument("--rounds", type=int, default=3, help="--reference: interleaved rounds")
+
+
+def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """With ``--reference``: a parser error naming what is missing or wrong."""
+  if not args.reference:
+    return
+  missing = [flag for flag, value in (("--torch_python", args.torch_python),
+                                      ("--reference_dir", args.reference_dir)) if not value]
+  if missing:
+    parser.error(f"--reference needs {' and '.join(missing)} (--torch_python: a python with "
+                 "torch; --reference_dir: the official AnySat checkout, the folder of its "
+                 "hubconf.py)")
+  if shutil.which(args.torch_python) is None:
+    parser.error(f"--torch_python {args.torch_python}: no such program")
+  if not os.path.isfile(os.path.join(args.reference_dir, "hubconf.py")):
+    parser.error(f"--reference_dir {args.reference_dir}: no hubconf.py there; give the folder "
+                 "of a checkout of the official AnySat repository (github.com/gastruc/AnySat)")
+  if not os.path.isfile(args.reference_script):
+    parser.error(f"--reference_script {args.reference_script}: no such file")
+
+
 def run_ours(scenario: str, dtype: str, repeats: int) -> dict[str, Any]:
   """One of our scenarios in a fresh process: {'s': seconds per batch, 'rss': MiB}."""
   p = _run([sys.executable, "-m", "anysat_jax.tools.bench_run", scenario, "--dtype", dtype,
@@ -64,7 +106,8 @@ def run_ours(scenario: str, dtype: str, repeats: int) -> dict[str, Any]:
 
 def run_reference(python: str, script: str, ref_dir: str | None, scenario: str,
                   repeats: int) -> dict[str, Any]:
-  """One official scenario through its benchmark script (a fresh process per scenario)."""
+  """One official scenario through a timing script with ``SCRIPT``'s command line (it runs each
+  scenario in a fresh process)."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "ref.json")
     cmd = [python, script, "--only", scenario, "--runs", str(repeats), "--warmup", "1",
@@ -114,9 +157,9 @@ def compare(torch_python: str | None, script: str | None, ref_dir: str | None = 
             rounds: int = 3, repeats: int = 3) -> int:
   """Runs the interleaved rounds and prints the table; 0 on success."""
   with_ref = bool(torch_python and script and os.path.exists(script)
-                  and os.path.exists(torch_python))
+                  and shutil.which(torch_python))
   if not with_ref:
-    print("reference not available (give --torch_python and --reference_script): "
+    print("reference not available (give --torch_python and --reference_dir): "
           "timing this project only", flush=True)
   jobs: dict[tuple[str, ...], list[dict[str, Any]]] = {}
   for _ in range(rounds):
