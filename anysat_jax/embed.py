@@ -2,7 +2,9 @@
 
 import sys
 
+from anysat_jax.core import host_memory
 from anysat_jax.inference.embed_cli import main
 
 if __name__ == "__main__":
+  host_memory.return_large_blocks()
   sys.exit(main())

@@ -11,7 +11,6 @@ scenario), not the trainers, data pipeline or TensorFlow, so that its peak RSS i
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import json
 import os
@@ -25,6 +24,7 @@ import numpy as np
 
 from anysat_jax import AnySat
 from anysat_jax.checkpoints import convert
+from anysat_jax.core import host_memory
 from anysat_jax.models import xla_options
 from anysat_jax.models.config import encoder_config
 from anysat_jax.tasks import pretrain as train
@@ -83,7 +83,7 @@ def run_scenario(name: str, repeats: int, dtype: str = "float32") -> dict:
   t0 = time.perf_counter()
   compiled = fn.lower(model.params, inputs).compile()
   compile_s = time.perf_counter() - t0
-  release_freed_memory()
+  host_memory.release_freed_memory()
   jax.block_until_ready(compiled(model.params, inputs))      # warm-up
   times = []
   for _ in range(repeats):
@@ -135,17 +135,6 @@ def _time_train_step(name: str, size: str, batch: int, patch: int, inputs: dict,
               device=str(jax.devices()[0].device_kind))
 
 
-def release_freed_memory() -> None:
-  """Returns the memory that the compiler freed to the OS (glibc ``malloc_trim``; a no-op
-  elsewhere). XLA's compile holds hundreds of MiB of small allocations that glibc keeps after
-  they are freed; without this, the run's buffers come on top of them and the process's peak
-  resident memory is the compile's plus the run's instead of the larger of the two."""
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-
-
 def xla_matmul_gflops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
   """Best-of-``repeats`` GFLOP/s of an n x n matmul with XLA on the default device."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
@@ -169,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--matmul", choices=("float32", "bfloat16"),
                       help="instead of a scenario: GFLOP/s of a 2048^2 matmul in this dtype")
   args = parser.parse_args(argv)
+  host_memory.return_large_blocks()
   if args.matmul:
     print(json.dumps(dict(gflops=xla_matmul_gflops(args.matmul))))
   elif args.scenario:
