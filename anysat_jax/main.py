@@ -35,7 +35,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from anysat_jax.core import host_memory, paths  # noqa: E402
+from anysat_jax.core import paths  # noqa: E402
 from anysat_jax.trainers import finetune  # noqa: E402
 from anysat_jax.trainers import pretrain as trainer  # noqa: E402
 
@@ -141,6 +141,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  host_memory.return_large_blocks()
   # configs/X.py resolves inside the installed package when the cwd has no such file.
   sys.exit(app.run(main, argv=paths.resolve_config_argv(sys.argv), flags_parser=parse_flags))

@@ -24,10 +24,12 @@ def _libc() -> ctypes.CDLL | None:
 
 def return_large_blocks() -> None:
   """Blocks of 128 KiB and more get their own mappings, returned to the OS when freed (glibc's
-  initial threshold, kept from growing). For a command line's own process, called once at its
-  start: it changes the allocator of the whole process. Measured on the benchmark scenarios
-  (``anysat_jax.tools.bench_run``): peak RSS 1189 -> 1107 MiB (tiny forward + backward) and
-  1156 -> 1064 MiB (base forward)."""
+  initial threshold, kept from growing). For an inference command line's own process (``embed``,
+  ``predict``), called once at its start: it changes the allocator of the whole process.
+  Measured on a 2-core AMD EPYC (``anysat_jax.tools.bench_run``): base forward peak RSS 1156 ->
+  1064 MiB at the same speed. Training does not set it: the tiny forward + backward's peak fell
+  1178-1205 -> 1114-1119 MiB but its time rose 1.06-1.08 -> 1.17-1.23 s (mapping and zeroing
+  fresh pages for the step's buffers every step)."""
   libc = _libc()
   if libc is not None:
     libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)

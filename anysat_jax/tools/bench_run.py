@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--matmul", choices=("float32", "bfloat16"),
                       help="instead of a scenario: GFLOP/s of a 2048^2 matmul in this dtype")
   args = parser.parse_args(argv)
-  host_memory.return_large_blocks()
+  if args.scenario and SCENARIOS[args.scenario][4] == "forward":
+    host_memory.return_large_blocks()        # as the inference command lines do
   if args.matmul:
     print(json.dumps(dict(gflops=xla_matmul_gflops(args.matmul))))
   elif args.scenario:
