@@ -60,14 +60,10 @@ def block_remat(block: type[nn.Module], full: bool,
 
 
 @jax.checkpoint
-def _gelu(x: jax.Array) -> jax.Array:
-  return jax.nn.gelu(x, approximate=False)
-
-
 def gelu(x: jax.Array) -> jax.Array:
   """Exact (erf) GELU. Rematerialised: the backward pass keeps only ``x`` and recomputes the
   rest, where autodiff of the erf would keep several hidden-sized intermediates per block."""
-  return _gelu(x)
+  return jax.nn.gelu(x, approximate=False)
 
 
 @jax.custom_jvp
