@@ -65,8 +65,10 @@ def installed(tmp_path_factory):
   site = pathlib.Path(_run([str(python), "-c", "import sysconfig; "
                             "print(sysconfig.get_paths()['purelib'])"], cwd=tmp).stdout.strip())
   (site / "_parent_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+  # --ignore-installed: an editable install of this checkout in the running environment would
+  # otherwise count as installed and the wheel would be skipped.
   _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-        "--no-index", str(wheel)], cwd=tmp)
+        "--ignore-installed", "--no-index", str(wheel)], cwd=tmp)
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
   work = tmp / "elsewhere"
   work.mkdir()
