@@ -38,7 +38,11 @@ class RPEAttention(nn.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]              # (b, L, h, hd) each
     table = self.param("rpe_table", nn.initializers.zeros, (hd, pos_embed.NUM_BUCKETS))
     qw = (q[:, :, 0].astype(jnp.float32) * hd ** -0.5) @ table      # (b, L, 8), head 0
-    rpe = jnp.take_along_axis(qw, jnp.broadcast_to(buckets, (b, length, length)), axis=2)
+    # R[b, i, j] = qw[b, i, bucket(i, j)] as a contraction with the (constant) one-hot buckets:
+    # the same values as a gather, and a backward pass without a scatter (slow on CPU and TPU)
+    # or a saved (b, L, L) index array.
+    onehot = jax.nn.one_hot(buckets, pos_embed.NUM_BUCKETS, dtype=qw.dtype)   # (L, L, 8)
+    rpe = jnp.einsum("bik,ijk->bij", qw, onehot, precision=jax.lax.Precision.HIGHEST)
     o = layers.attention(q, k, v, hd ** -0.5, bias=rpe[:, None], impl=self.attention_impl)
     return layers.dense(e, self.dtype, "proj", f32_out=True)(o.reshape(b, length, e))
 
