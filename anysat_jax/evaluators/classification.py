@@ -65,7 +65,8 @@ class ClassificationEvaluator:
     self.every_steps = spec.get("every_steps")
     self.num_figures = int(spec.get("num_figures", 0)) if self.collects_tiles else 0
     self._config, self._task, self._sharding, self._enc_cfg = config, task, batch_sharding, enc_cfg
-    self._step = jax.jit(task.eval_step, compiler_options=xla_options.forward())
+    self._step = jax.jit(task.eval_step,
+                         compiler_options=xla_options.forward(enc_cfg.dtype))
     self._validated: set = set()
 
   def due(self, step: int, total: int, per_epoch: int) -> bool:

@@ -26,7 +26,7 @@ import numpy as np
 from anysat_jax.checkpoints import convert
 from anysat_jax.core import modalities as mods
 from anysat_jax.inference import pretrained
-from anysat_jax.models import xla_options
+from anysat_jax.models import inference_weights, xla_options
 from anysat_jax.models.config import EncoderConfig, encoder_config, override
 from anysat_jax.models.encoder import AnySatEncoder, select_output
 from anysat_jax.models.validation import count_nonfinite, validate_inputs
@@ -44,7 +44,9 @@ class AnySat:
   Attributes:
     config: the ``EncoderConfig``.
     module: the Flax module (``AnySatEncoder``).
-    params: the parameter tree.
+    params: the parameter tree. With ``dtype="bfloat16"`` the arrays that the forward pass
+      only reads rounded to bfloat16 (matmul weights) are stored in bfloat16: same outputs,
+      half their memory (``models.inference_weights``).
     num_compiles: how many times the forward pass has been traced and compiled.
   """
 
@@ -58,11 +60,11 @@ class AnySat:
       init = jax.jit(lambda key: self.module.init(key, method=AnySatEncoder.init_all))
       # The rbg generator needs far less scratch memory than threefry for 126M values.
       params = init(jax.random.key(seed, impl="rbg"))["params"]
-    self.params = params
+    self.params = inference_weights.round_for_inference(self.module, params)
     self.num_compiles = 0
     self._features = jax.jit(self._traced_features,
                              static_argnames=("order", "patch_size", "dense_modality"),
-                             compiler_options=xla_options.forward())
+                             compiler_options=xla_options.forward(self.config.dtype))
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> AnySat:

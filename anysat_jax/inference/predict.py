@@ -170,7 +170,7 @@ class Predictor:
         y = heads.resize_logits(y, (side, side))
       return y
 
-    self._logits = jax.jit(logits, compiler_options=xla_options.forward())
+    self._logits = jax.jit(logits, compiler_options=xla_options.forward(self.config.dtype))
 
   def __call__(self, batch: dict[str, np.ndarray], patch_size: int, output: str,
                output_modality: str | None, *, raster_dense: bool = True) -> np.ndarray:

@@ -21,6 +21,7 @@ import optax
 
 from anysat_jax.core import modalities as mods
 from anysat_jax.core import options
+from anysat_jax.models import xla_options
 from anysat_jax.models.config import EncoderConfig, encoder_config, run_overrides
 from anysat_jax.models.encoder import AnySatEncoder
 from anysat_jax.models.jepa import PredictorConfig, Student
@@ -178,7 +179,7 @@ class PretrainTask:
       return self.train_step(state, batch, masks, patch_size)
 
     return jax.jit(step, static_argnames=("patch_size",), donate_argnums=(0,),
-                   out_shardings=(state_sharding, None))
+                   out_shardings=(state_sharding, None), compiler_options=xla_options.training())
 
 
 def init_state(config: ml_collections.ConfigDict) -> TrainState:

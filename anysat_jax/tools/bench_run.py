@@ -65,21 +65,21 @@ def make_batch(batch: int, spec: dict, seed: int = 0) -> dict[str, np.ndarray]:
 def run_scenario(name: str, repeats: int, dtype: str = "float32") -> dict:
   """Times one scenario in this process (``dtype``: the model's matmul dtype)."""
   size, batch, patch, spec, mode = SCENARIOS[name]
-  config = encoder_config(size, dtype=dtype)
-  # Weights as a checkpoint would bring them: host arrays moved to the device one at a time.
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(
-      lambda s: jax.device_put((0.02 * rng.standard_normal(s.shape)).astype(np.float32)),
-      convert.param_shapes(config))
-  model = AnySat(params=params, config=config)
   inputs = {k: jax.device_put(v) for k, v in make_batch(batch, spec).items()}
   if mode == "train step":
     return _time_train_step(name, size, batch, patch, inputs, repeats, dtype)
+  config = encoder_config(size, dtype=dtype)
+  # Weights as a checkpoint would bring them: host arrays moved to the device one at a time.
+  rng = np.random.default_rng(0)
+  model = AnySat(config=config, params=jax.tree.map(
+      lambda s: jax.device_put((0.02 * rng.standard_normal(s.shape)).astype(np.float32)),
+      convert.param_shapes(config)))
   if mode == "forward":
     fn = jax.jit(lambda p, x: model.apply(p, x, patch, "tile"),
-                 compiler_options=xla_options.forward())
+                 compiler_options=xla_options.forward(dtype))
   else:
-    fn = jax.jit(jax.grad(lambda p, x: model.apply(p, x, patch, "tile").sum()))
+    fn = jax.jit(jax.grad(lambda p, x: model.apply(p, x, patch, "tile").sum()),
+                 compiler_options=xla_options.training())
   t0 = time.perf_counter()
   compiled = fn.lower(model.params, inputs).compile()
   compile_s = time.perf_counter() - t0

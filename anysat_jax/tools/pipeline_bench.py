@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from anysat_jax import AnySat
+from anysat_jax.models import xla_options
 from anysat_jax.models.validation import validate_inputs
 from configs.common import GEOPLEX, default_dataset_config
 from input_pipeline import loader, mixture, prepare
@@ -75,7 +76,8 @@ def bench_model(config: ml_collections.ConfigDict, batch_size: int, seconds: flo
   it.close()
   model = AnySat(size="tiny")
   validate_inputs(batch, 20, model.config)
-  grad = jax.jit(jax.grad(lambda p, b: model.apply(p, b, 20).sum()))
+  grad = jax.jit(jax.grad(lambda p, b: model.apply(p, b, 20).sum()),
+                 compiler_options=xla_options.training())
   batch = jax.device_put({k: np.asarray(v, np.float32) for k, v in batch.items()})
 
   def step() -> int:

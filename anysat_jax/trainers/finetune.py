@@ -34,6 +34,7 @@ from anysat_jax import sharding
 from anysat_jax.checkpoints import manager as ckpt
 from anysat_jax.evaluators import registry
 from anysat_jax.evaluators.classification import scalars
+from anysat_jax.models import xla_options
 from anysat_jax.models.validation import validate_inputs
 from anysat_jax.tasks import schedules
 from anysat_jax.tasks.finetune import FinetuneTask
@@ -85,7 +86,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop: dict[str, bool]) 
     loop.traced(bucket["key"])
     return task.train_step(s, b)
 
-  step_fn = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_sharding, None))
+  step_fn = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_sharding, None),
+                    compiler_options=xla_options.training())
   report = periodic_actions.ReportProgress(num_train_steps=steps.total, writer=writer,
                                            every_steps=config.log_every)
   step = int(jax.device_get(state.step))

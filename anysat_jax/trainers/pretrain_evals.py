@@ -43,11 +43,11 @@ class PretrainEvals:
     with quiet_libraries():
       self._read(config)
     self._loss = jax.jit(task.val_loss, static_argnames=("patch_size",),
-                         compiler_options=xla_options.forward())
+                         compiler_options=xla_options.forward(task.enc_cfg.dtype))
     self._embed = jax.jit(
         lambda teacher, inputs, patch_size: task.teacher.apply(
             {"params": teacher}, inputs, patch_size),
-        static_argnames=("patch_size",), compiler_options=xla_options.forward())
+        static_argnames=("patch_size",), compiler_options=xla_options.forward(task.enc_cfg.dtype))
 
   def _read(self, config: ml_collections.ConfigDict) -> None:
     for name, spec in sorted(config.get("evals", {}).items()):
