@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from anysat_jax.core import modalities as mods
+from anysat_jax.models import layers
 from anysat_jax.models.combiner import Combiner
 from anysat_jax.models.config import EncoderConfig
 from anysat_jax.models.pos_embed import sincos_grid
@@ -25,6 +26,10 @@ from anysat_jax.models.projectors import LTAEProjector, VHRProjector
 from anysat_jax.models.spatial_encoder import SpatialEncoder
 
 OUTPUTS = ("tile", "patch", "all", "dense")
+
+# The VHR projectors' backward pass keeps their matmul outputs and recomputes their LayerNorms
+# and ReLUs, as the transformer blocks do (``layers.block_remat``); ``scale`` is static.
+_VHRProjector = layers.block_remat(VHRProjector, full=False, static_argnums=(2,))
 
 
 class Embedding(NamedTuple):
@@ -51,7 +56,7 @@ class AnySatEncoder(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     self.projectors = {
-        name: VHRProjector(mods.get(name), pcfg, dtype, name=mods.get(name).param_name)
+        name: _VHRProjector(mods.get(name), pcfg, dtype, name=mods.get(name).param_name)
         if mods.get(name).projector == "vhr"
         else LTAEProjector(mods.get(name), pcfg, cfg.chunk_tokens,
                            name=mods.get(name).param_name)

@@ -34,6 +34,11 @@ def dense(features: int, dtype: Any, name: str, *, f32_out: bool = False,
                   **kwargs)
 
 
+# What a block keeps for its backward pass: the outputs of its weight matmuls (q / k / v, the
+# projections, the MLP), not those of the attention's batched matmuls (logits and weighted
+# values, recomputed from q / k / v), nor anything elementwise.
+_KEEP_WEIGHT_MATMULS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
 # LayerNorm rematerialised: its backward pass keeps only the input and recomputes the centred
 # values and statistics, where autodiff would keep two or three more token-sized arrays per norm.
 _RematLayerNorm = nn.remat(nn.LayerNorm)
@@ -50,12 +55,12 @@ def block_remat(block: type[nn.Module], full: bool,
   """A transformer block class whose backward pass recomputes instead of storing.
 
   ``full``: everything but the block's inputs is recomputed (least memory; the block's matmuls
-  run twice). Otherwise the block keeps its matmul outputs and recomputes the rest (LayerNorms,
-  q / k / v head layouts, softmax, GELU, residual sums): no matmul runs twice, and the block
-  keeps ~40 % less for its backward pass than plain autodiff. Same parameters and values as
+  run twice). Otherwise the block keeps the outputs of its weight matmuls and recomputes the
+  rest (LayerNorms, q / k / v head layouts, attention logits and softmax, GELU, residual
+  sums): only the attention's two batched matmuls run twice. Same parameters and values as
   ``block``.
   """
-  policy = None if full else jax.checkpoint_policies.dots_saveable
+  policy = None if full else _KEEP_WEIGHT_MATMULS
   return nn.remat(block, policy=policy, static_argnums=static_argnums)
 
 
@@ -155,7 +160,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
     raise ValueError(f"attention impl {impl!r} not in {ATTENTION_IMPLS}")
   # Head-major: XLA's batched matmuls are fastest with the batch axes leading.
   q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-  logits = jnp.einsum("bhid,bhjd->bhij", q, k, preferred_element_type=jnp.float32) * scale
+  # The queries are scaled rather than the logits (as flax's attention does): on CPU, XLA hands
+  # YNNPACK a logit-shaped array of the scale otherwise. Exact for power-of-two scales.
+  q = q * jnp.asarray(scale, q.dtype)
+  logits = jnp.einsum("bhid,bhjd->bhij", q, k, preferred_element_type=jnp.float32)
   if bias is not None:
     logits = logits + bias
   if mask is not None:
@@ -186,13 +194,13 @@ def chunked_map(module: nn.Module, fn: Callable[..., jax.Array], xs: tuple[jax.A
   with ``nn.scan``; each chunk's activations are recomputed in the backward pass, so memory
   holds one chunk's activations instead of all of them. The module's parameters are shared
   by the chunks (its parameter tree does not change); dropout draws differ per chunk.
-  ``chunk_rows`` = 0 (or one chunk): one call that keeps its matmul outputs for the backward
-  pass and recomputes the rest (as ``block_remat``).
+  ``chunk_rows`` = 0 (or one chunk): one call that keeps its weight matmuls' outputs for the
+  backward pass and recomputes the rest (as ``block_remat``).
   """
   n = xs[0].shape[0]
   per_chunk = max(1, chunk_rows // max(1, rows_per_item))
   if chunk_rows <= 0 or per_chunk >= n:
-    return nn.remat(fn, policy=jax.checkpoint_policies.dots_saveable)(module, *xs)
+    return nn.remat(fn, policy=_KEEP_WEIGHT_MATMULS)(module, *xs)
   num = math.ceil(n / per_chunk)
   size = math.ceil(n / num)
   pad = num * size - n
