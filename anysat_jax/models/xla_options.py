@@ -24,7 +24,8 @@ def forward(dtype: Any = "float32") -> dict[str, str] | None:
   forward on a B = 8 TreeSatAI-like batch took 4.4 s without them against 5.6 s with them
   (their reduction fusions), XLA temp 211 against 328 MiB. bfloat16: only the matmuls go to
   YNNPACK (XLA's CPU dots compute bfloat16 operands in float32 either way): 4.1 s, temp 450
-  MiB, against 4.5 s and 544 MiB with none and 4.3 s / 566 MiB with the default set.
+  MiB, against 4.5 s and 544 MiB with none and 4.3 s / 566 MiB with the default set (float32
+  weights; 376 MiB with the bfloat16 weights that ``AnySat`` stores).
   """
   if jax.default_backend() != "cpu":
     return None
