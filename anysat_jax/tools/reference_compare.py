@@ -104,17 +104,14 @@ def run_ours(scenario: str, dtype: str, repeats: int) -> dict[str, Any]:
   return dict(s=r["s_per_batch"], rss=r["peak_rss_mib"])
 
 
-def run_reference(python: str, script: str, ref_dir: str | None, scenario: str,
+def run_reference(python: str, script: str, ref_dir: str, scenario: str,
                   repeats: int) -> dict[str, Any]:
   """One official scenario through a timing script with ``SCRIPT``'s command line (it runs each
   scenario in a fresh process)."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "ref.json")
-    cmd = [python, script, "--only", scenario, "--runs", str(repeats), "--warmup", "1",
-           "--out", out]
-    if ref_dir:
-      cmd += ["--ref", ref_dir]
-    p = _run(cmd)
+    p = _run([python, script, "--only", scenario, "--runs", str(repeats), "--warmup", "1",
+              "--out", out, "--ref", ref_dir])
     if p.returncode or not os.path.exists(out):
       raise RuntimeError(f"reference {scenario} failed:\n{p.stdout[-1000:]}{p.stderr[-2000:]}")
     with open(out) as f:
@@ -124,15 +121,14 @@ def run_reference(python: str, script: str, ref_dir: str | None, scenario: str,
   return dict(s=r["median_s"], rss=r["peak_rss_mib"])
 
 
-def run_matmul(python: str | None) -> dict[str, float]:
-  """XLA float32 / bfloat16 and (with ``python``) torch float32 matmul GFLOP/s."""
+def run_matmul(python: str) -> dict[str, float]:
+  """XLA float32 / bfloat16 and (run by ``python``) torch float32 matmul GFLOP/s."""
   out = {}
   for dtype in ("float32", "bfloat16"):
     p = _run([sys.executable, "-m", "anysat_jax.tools.bench_run", "--matmul", dtype])
     out[f"xla {dtype}"] = _last_json(p.stdout)["gflops"] if not p.returncode else float("nan")
-  if python:
-    p = _run([python, "-c", TORCH_MATMUL])
-    out["torch float32"] = _last_json(p.stdout)["gflops"] if not p.returncode else float("nan")
+  p = _run([python, "-c", TORCH_MATMUL])
+  out["torch float32"] = _last_json(p.stdout)["gflops"] if not p.returncode else float("nan")
   return out
 
 
@@ -153,23 +149,19 @@ def _keep(jobs: dict, key: tuple[str, ...], result: dict[str, float]) -> None:
   print(f"  {' '.join(key)}: {json.dumps(result)}", file=sys.stderr, flush=True)
 
 
-def compare(torch_python: str | None, script: str | None, ref_dir: str | None = None,
-            rounds: int = 3, repeats: int = 3) -> int:
-  """Runs the interleaved rounds and prints the table; 0 on success."""
-  with_ref = bool(torch_python and script and os.path.exists(script)
-                  and shutil.which(torch_python))
-  if not with_ref:
-    print("reference not available (give --torch_python and --reference_dir): "
-          "timing this project only", flush=True)
+def compare(torch_python: str, script: str, ref_dir: str, rounds: int = 3,
+            repeats: int = 3) -> int:
+  """Runs the interleaved rounds and prints the table; 0 on success. The arguments are those
+  that ``check_options`` accepted."""
   jobs: dict[tuple[str, ...], list[dict[str, Any]]] = {}
   for _ in range(rounds):
     done = set()       # the reference's base forward serves both dtypes of ours
     for _, ref, ours, dtype in PAIRS:
-      if with_ref and ref not in done:
+      if ref not in done:
         _keep(jobs, ("ref", ref), run_reference(torch_python, script, ref_dir, ref, repeats))
         done.add(ref)
       _keep(jobs, ("ours", ours, dtype), run_ours(ours, dtype, repeats))
-    _keep(jobs, ("matmul",), run_matmul(torch_python if with_ref else None))
+    _keep(jobs, ("matmul",), run_matmul(torch_python))
   med = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in jobs.items()}
   spread = {k: (min(x["s"] for x in v), max(x["s"] for x in v))
             for k, v in jobs.items() if k[0] != "matmul"}
@@ -179,7 +171,7 @@ def compare(torch_python: str | None, script: str | None, ref_dir: str | None = 
         f"{'ref MiB':>8s} {'ours MiB':>8s} {'mem x':>6s}  ours s min-max", flush=True)
   for label, ref, ours, dtype in PAIRS:
     o = med[("ours", ours, dtype)]
-    rr = med.get(("ref", ref), dict(s=float("nan"), rss=float("nan")))
+    rr = med[("ref", ref)]
     lo, hi = spread[("ours", ours, dtype)]
     print(f"{label:18s} {dtype:9s} {rr['s']:7.3f} {o['s']:7.3f} {rr['s'] / o['s']:7.2f} "
           f"{rr['rss']:8.0f} {o['rss']:8.0f} {o['rss'] / rr['rss']:6.2f}  {lo:.3f}-{hi:.3f}",
